@@ -1,0 +1,1 @@
+"""Pipeline stages as software-defined assets, one module per stage."""

@@ -1,0 +1,92 @@
+"""Stage 2: split documents into token-aware chunks with the embedding model's own tokenizer."""
+
+import time
+from dataclasses import asdict
+
+import pyarrow as pa
+from dagster import AssetExecutionContext, Config, DataVersion, Output, asset
+from pydantic import Field
+
+from assets.common import (
+    MEMORY_TAG,
+    partition_of,
+    run_metadata,
+    sources_partitions,
+    stage_cache_key,
+    stage_code_version,
+)
+from quiver.chunking import Chunk, ChunkSettings, chunk_documents
+from resources.fileref import FileRef, FileStore
+from resources.model_pool import ModelPool
+
+CODE_VERSION = stage_code_version(__name__)
+DOCS_PER_BATCH = 512
+
+CHUNKS_SCHEMA = pa.schema([
+    ("chunk_id", pa.string()),
+    ("doc_id", pa.string()),
+    ("position", pa.int32()),
+    ("title", pa.string()),
+    ("text", pa.string()),
+    ("chunk_hash", pa.string()),
+    ("n_tokens", pa.int32()),
+    ("start_char", pa.int32()),
+    ("end_char", pa.int32()),
+])
+
+
+class ChunksConfig(Config):
+    chunk_tokens: int = Field(default=256, description="Tokens per chunk, special tokens and title included.")
+    overlap_tokens: int = Field(default=32, description="Tokens shared by consecutive chunks of a document.")
+    include_title: bool = Field(default=True, description="Prefix each chunk with its document's title.")
+    force: bool = False
+
+    def settings(self) -> ChunkSettings:
+        return ChunkSettings(chunk_tokens=self.chunk_tokens, overlap_tokens=self.overlap_tokens,
+                             include_title=self.include_title)
+
+
+def chunks_to_batch(chunks: list[Chunk]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([asdict(c) for c in chunks], schema=CHUNKS_SCHEMA)
+
+
+@asset(
+    partitions_def=sources_partitions,
+    code_version=CODE_VERSION,
+    io_manager_key="fileref_io_manager",
+    group_name="ingest",
+    kinds={"parquet"},
+    op_tags={MEMORY_TAG: "light"},
+    description="Token-aware chunks with stable ids (document id + position) and per-chunk hashes.",
+)
+def chunks(
+    context: AssetExecutionContext, config: ChunksConfig, documents: FileRef, store: FileStore,
+    model_pool: ModelPool,
+) -> Output[FileRef]:
+    started = time.perf_counter()
+    partition = partition_of(context)
+    settings = config.settings()
+    key = stage_cache_key(context, CODE_VERSION, {"documents": documents.sha256},
+                          {**asdict(settings), "tokenizer": model_pool.fingerprint()})
+    asset_path = context.asset_key.path
+    cached = None if config.force else store.cached_fileref(asset_path, partition, key)
+    if cached is not None:
+        context.log.info(f"chunks[{partition}]: cache hit {key}")
+        return Output(cached, data_version=DataVersion(cached.sha256), metadata={"cache_hit": True, "cache_key": key})
+
+    tokenizer = model_pool.tokenizer()
+    tokens = 0
+    with store.parquet_writer(asset_path, partition, CHUNKS_SCHEMA) as writer:
+        for batch in store.iter_batches(documents, DOCS_PER_BATCH, columns=["doc_id", "title", "text"]):
+            docs = list(zip(*(batch.column(c).to_pylist() for c in ("doc_id", "title", "text")), strict=True))
+            produced = chunk_documents(tokenizer, docs, settings)
+            tokens += sum(c.n_tokens for c in produced)
+            writer.write_batch(chunks_to_batch(produced))
+    ref = writer.ref
+    assert ref is not None
+    store.cache_put(asset_path, partition, key, {"fileref": ref.as_dict()})
+    context.log.info(f"chunks[{partition}]: {documents.rows} documents -> {ref.rows} chunks")
+    return Output(ref, data_version=DataVersion(ref.sha256), metadata=run_metadata(started, ref.rows, {
+        "cache_hit": False, "cache_key": key, "documents": documents.rows, "chunks": ref.rows, "tokens": tokens,
+        "chunk_tokens": settings.chunk_tokens, "overlap_tokens": settings.overlap_tokens,
+    }))

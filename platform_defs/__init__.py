@@ -1,0 +1,5 @@
+"""Quiver's Dagster definitions."""
+
+from platform_defs.definitions import defs
+
+__all__ = ["defs"]

@@ -1,0 +1,21 @@
+"""Jobs: ingest one source partition (documents -> embeddings), then rebuild the indexes."""
+
+from dagster import AssetSelection, define_asset_job
+
+from assets.common import sources_partitions
+
+INGEST_ASSETS = ("documents", "chunks", "embeddings")
+INDEX_ASSETS = ("faiss_index", "milvus_collection")
+
+ingest_job = define_asset_job(
+    "ingest_job",
+    selection=AssetSelection.assets(*INGEST_ASSETS),
+    partitions_def=sources_partitions,
+    description="Read, chunk and embed one source (a partition).",
+)
+
+index_job = define_asset_job(
+    "index_job",
+    selection=AssetSelection.assets(*INDEX_ASSETS),
+    description="Bring the FAISS index and the Milvus collection up to date with every source.",
+)

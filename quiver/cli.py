@@ -1,0 +1,197 @@
+"""The `quiver` command: run the pipeline, manage sources, search the indexes."""
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from typing import Any
+
+from quiver.settings import dagster_home
+
+
+def _prepare_environment() -> None:
+    """Point Dagster at the embedded default instance unless the user chose another."""
+    os.environ.setdefault("DAGSTER_HOME", str(dagster_home()))
+    os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
+
+
+def _resources() -> dict[str, Any]:
+    from platform_defs.resources import build_resources
+
+    return build_resources(resolve_env=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance, execute_job, reconstructable
+
+    from platform_defs.definitions import get_index_job, get_ingest_job
+
+    res = _resources()
+    registry = res["sources"]
+    if not registry.all():
+        registry.add("stdlib", "stdlib", "stdlib")
+    names = args.source or [spec.name for spec in registry.all()]
+    for name in names:
+        registry.get(name)  # fails early, with a clear message, for an unknown source
+    instance = DagsterInstance.get()
+    known = set(instance.get_dynamic_partitions("sources"))
+    instance.add_dynamic_partitions("sources", [n for n in names if n not in known])
+
+    failed: list[str] = []
+    for name in names:
+        print(f"==> ingesting source {name!r} (documents -> chunks -> embeddings)", flush=True)
+        result = execute_job(reconstructable(get_ingest_job), instance=instance,
+                             tags={"dagster/partition": name})
+        if not result.success:
+            failed.append(name)
+            print(f"!! source {name!r} failed: {_failure_message(result)}", file=sys.stderr)
+    print("==> updating the FAISS index and the Milvus collection", flush=True)
+    result = execute_job(reconstructable(get_index_job), instance=instance)
+    if not result.success:
+        print(f"!! indexing failed: {_failure_message(result)}", file=sys.stderr)
+        return 1
+    _print_summary(res)
+    return 1 if failed else 0
+
+
+def _failure_message(result: Any) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            return f"step {event.step_key}: {event.step_failure_data.error.message.strip()}"
+    return f"run {result.run_id} did not succeed"
+
+
+def _print_summary(res: dict[str, Any]) -> None:
+    version = res["faiss_store"].open_current()
+    milvus = res["milvus"]
+    print(textwrap.dedent(f"""
+        Quiver is ready.
+          artifacts (Parquet FileRefs): {res['store'].root}
+          FAISS index:                  {version.directory} ({version.manifest['ntotal']} vectors, \
+{version.manifest['index_type']})
+          Milvus collection:            {milvus.collection!r} at {milvus.uri} ({milvus.count()} vectors)
+          Dagster instance:             {os.environ['DAGSTER_HOME']}
+
+        Query it:
+          quiver search "how do I parse json" -k 5
+          quiver search "how do I parse json" -k 5 --store milvus --json
+        See every asset in the UI:
+          DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev
+    """))
+
+
+def cmd_source(args: argparse.Namespace) -> int:
+    registry = _resources()["sources"]
+    if args.action == "add":
+        spec = registry.add(args.name, args.path, args.kind)
+        _add_partition(spec.name)
+        print(f"added source {spec.name!r}: {spec.kind} at {spec.path}")
+    elif args.action == "remove":
+        removed = registry.remove(args.name)
+        _remove_partition(args.name)
+        print(f"removed source {args.name!r}" if removed else f"no source {args.name!r}")
+        if removed:
+            print("run `quiver run` to drop its vectors from FAISS and Milvus")
+    else:
+        for spec in registry.all():
+            print(f"{spec.name}\t{spec.kind}\t{spec.path}")
+    return 0
+
+
+def _add_partition(name: str) -> None:
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.get()
+    if name not in instance.get_dynamic_partitions("sources"):
+        instance.add_dynamic_partitions("sources", [name])
+
+
+def _remove_partition(name: str) -> None:
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.get()
+    if name in instance.get_dynamic_partitions("sources"):
+        instance.delete_dynamic_partition("sources", name)
+
+
+def search(query: str, k: int, store: str) -> list[dict[str, Any]]:
+    """Top-k documents for a query: chunks are ranked, then each document keeps its best chunk."""
+    res = _resources()
+    vector = res["model_pool"].encode([query])
+    fetch = max(k * 4, 20)
+    if store == "faiss":
+        hits = res["faiss_store"].open_current().search(vector, fetch)[0]
+    else:
+        hits = res["milvus"].search(vector, fetch)[0]
+    results: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for hit in hits:
+        if (hit.source, hit.doc_id) in seen:
+            continue
+        seen.add((hit.source, hit.doc_id))
+        body = hit.text[len(hit.title) + 1:] if hit.title and hit.text.startswith(hit.title + "\n") else hit.text
+        results.append({"rank": len(results) + 1, "score": round(hit.score, 4), "doc_id": hit.doc_id,
+                        "source": hit.source, "title": hit.title, "chunk_id": hit.chunk_id,
+                        "snippet": " ".join(body.split())[:200]})
+        if len(results) == k:
+            break
+    return results
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    results = search(args.query, args.k, args.store)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(f"{r['rank']:>2}. {r['score']:.4f}  {r['doc_id']}  [{r['source']}]")
+        print(f"    {r['title']}")
+        print(textwrap.indent(textwrap.fill(r["snippet"], 100), "    "))
+    if not results:
+        print("no results")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quiver", description="Documents to fresh vector indexes, on Dagster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="materialize every source and the indexes (the main job)")
+    run.add_argument("--source", action="append", help="only this source (repeatable); default: all")
+    run.set_defaults(func=cmd_run)
+
+    source = sub.add_parser("source", help="add, list or remove sources (partitions)")
+    source_sub = source.add_subparsers(dest="action", required=True)
+    add = source_sub.add_parser("add", help="register a directory of .md/.txt, a JSONL/Parquet file or BEIR dir")
+    add.add_argument("name")
+    add.add_argument("path")
+    add.add_argument("--kind", choices=["stdlib", "files", "jsonl", "parquet", "beir"])
+    source_sub.add_parser("list")
+    remove = source_sub.add_parser("remove")
+    remove.add_argument("name")
+    source.set_defaults(func=cmd_source)
+
+    srch = sub.add_parser("search", help="search the FAISS index or the Milvus collection")
+    srch.add_argument("query")
+    srch.add_argument("-k", type=int, default=5)
+    srch.add_argument("--store", choices=["faiss", "milvus"], default="faiss")
+    srch.add_argument("--json", action="store_true", help="machine-readable output")
+    srch.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _prepare_environment()
+    from quiver.errors import QuiverError
+
+    try:
+        return int(args.func(args) or 0)
+    except QuiverError as exc:
+        print(f"quiver: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

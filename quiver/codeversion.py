@@ -1,0 +1,69 @@
+"""Code versions from source hashes: a stage's version changes exactly when its code does.
+
+A stage module's version hashes its own source and, transitively, the project modules it imports
+(read with ast, never imported), so editing the chunker changes only the chunks stage's version.
+"""
+
+import ast
+import hashlib
+from pathlib import Path
+
+from quiver.settings import PROJECT_ROOT
+
+# Packages whose code decides what a stage outputs. resources/ is infrastructure (where and how
+# things are stored), whose effect on outputs is captured by config and fingerprints instead.
+LOGIC_PACKAGES = ("quiver", "assets")
+
+
+def module_file(module: str, root: Path) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(module: str, file: Path, root: Path) -> set[str]:
+    tree = ast.parse(file.read_bytes(), filename=str(file))
+    package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            found.add(target)
+            # `from quiver import chunking` imports a submodule
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] in LOGIC_PACKAGES and module_file(m, root)}
+
+
+def module_dependencies(module: str, root: Path = PROJECT_ROOT) -> list[str]:
+    """The module and every project logic module it imports, transitively, sorted."""
+    seen: set[str] = set()
+    pending = [module]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        file = module_file(current, root)
+        if file is None:
+            continue
+        seen.add(current)
+        pending.extend(_imported_modules(current, file, root) - seen)
+    return sorted(seen)
+
+
+def code_version(module: str, root: Path = PROJECT_ROOT) -> str:
+    """Short sha256 of the sources of a stage module and its project dependencies."""
+    digest = hashlib.sha256()
+    for name in module_dependencies(module, root):
+        file = module_file(name, root)
+        assert file is not None
+        digest.update(name.encode() + b"\x00" + file.read_bytes() + b"\x00")
+    return digest.hexdigest()[:16]

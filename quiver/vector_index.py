@@ -1,0 +1,57 @@
+"""FAISS index construction: exact inner product by default, IVF or HNSW when asked or when large."""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+
+IndexType = Literal["auto", "flat", "ivf", "hnsw"]
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    index_type: IndexType = "auto"
+    auto_approximate_above: int = 200_000  # "auto" stays exact below this many vectors
+    auto_approximate_type: Literal["ivf", "hnsw"] = "hnsw"
+    ivf_nlist: int | None = None  # default: 4 * sqrt(n)
+    ivf_nprobe: int = 16
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+
+
+def choose_index_type(settings: IndexSettings, n_vectors: int) -> Literal["flat", "ivf", "hnsw"]:
+    if settings.index_type != "auto":
+        return settings.index_type
+    return settings.auto_approximate_type if n_vectors > settings.auto_approximate_above else "flat"
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings) -> tuple[faiss.Index, str]:
+    """An id-mapped inner-product index over normalized vectors, and the type that was chosen."""
+    n, dim = vectors.shape
+    kind = choose_index_type(settings, n)
+    if kind == "flat":
+        base: faiss.Index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        base = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = settings.hnsw_ef_construction
+        base.hnsw.efSearch = settings.hnsw_ef_search
+    else:
+        nlist = settings.ivf_nlist or max(1, min(int(4 * math.sqrt(max(n, 1))), max(n // 39, 1)))
+        quantizer = faiss.IndexFlatIP(dim)
+        base = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if n:
+            base.train(vectors)
+        base.nprobe = min(settings.ivf_nprobe, nlist)
+    index = faiss.IndexIDMap2(base)
+    if n:
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+    return index, kind
+
+
+def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, vector ids) of the k nearest vectors; ids of -1 pad when the index is small."""
+    k = max(1, min(k, index.ntotal)) if index.ntotal else 1
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

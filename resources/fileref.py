@@ -1,0 +1,298 @@
+"""FileRefs: stages hand each other references to Parquet files, not data.
+
+A FileStore writes Parquet atomically (temp file + rename) at a content-addressed path that includes
+the asset key and partition; the FileRefIOManager records and hands out the reference, and checks on
+every load that it points inside the storage root and that the file still has its hash.
+"""
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, MetadataValue, OutputContext
+from pydantic import Field
+from upath import UPath
+
+from quiver.errors import FileRefError
+from quiver.settings import default_storage_root
+
+UNPARTITIONED = "__all__"
+LATEST_POINTER = "LATEST.json"
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """Where an asset's Parquet output is, and what it must hash to."""
+
+    path: str
+    sha256: str
+    rows: int
+    bytes: int
+    schema: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FileRef":
+        return cls(**json.loads(text))
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "path": MetadataValue.path(self.path),
+            "rows": MetadataValue.int(self.rows),
+            "bytes": MetadataValue.int(self.bytes),
+            "sha256": MetadataValue.text(self.sha256),
+        }
+
+
+class _HashingSink:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += len(view)
+        self._target.write(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _atomic_replace(tmp: UPath, final: UPath) -> None:
+    if tmp.protocol in ("", "file", "local"):
+        os.replace(tmp.path, final.path)
+    else:  # object stores: a single put is atomic; rename is copy + delete
+        tmp.rename(final)
+
+
+def write_text_atomic(path: UPath, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        if hasattr(fh, "fileno"):
+            os.fsync(fh.fileno())
+    _atomic_replace(tmp, path)
+
+
+def file_sha256(path: UPath) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(_HASH_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ParquetFileWriter:
+    """Streams record batches into a temp file; `ref` exists only after a clean close."""
+
+    def __init__(self, directory: UPath, schema: pa.Schema) -> None:
+        self.directory = directory
+        self.schema = schema
+        self.ref: FileRef | None = None
+        self.rows = 0
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tmp = directory / f".tmp-{uuid.uuid4().hex}.parquet"
+        self._handle = self._tmp.open("wb")
+        self._sink = _HashingSink(self._handle)
+        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), schema, compression="zstd")
+
+    def write_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if batch.num_rows:
+            self._writer.write(batch)
+            self.rows += batch.num_rows
+
+    def close(self) -> FileRef:
+        self._writer.close()
+        self._handle.flush()
+        if hasattr(self._handle, "fileno"):
+            os.fsync(self._handle.fileno())
+        self._handle.close()
+        sha = self._sink.digest.hexdigest()
+        final = self.directory / f"{sha[:24]}.parquet"
+        _atomic_replace(self._tmp, final)
+        self.ref = FileRef(str(final), sha, self.rows, self._sink.size, self.schema.to_string(
+            show_field_metadata=False, show_schema_metadata=False))
+        return self.ref
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._handle.close()
+        finally:
+            if self._tmp.exists():
+                self._tmp.unlink()
+
+
+class FileStore(ConfigurableResource):
+    """The storage root for FileRefs, stage caches and indexes: a local path or any fsspec URI."""
+
+    root: str = Field(default_factory=default_storage_root,
+                      description="Local path or universal-pathlib URI (s3://, gs://, ...).")
+    keep_versions: int = Field(default=3, description="Older Parquet versions kept per asset partition.")
+
+    @property
+    def root_path(self) -> UPath:
+        return UPath(self.root)
+
+    def asset_dir(self, asset: Iterable[str], partition: str | None) -> UPath:
+        return self.root_path.joinpath(*asset, partition or UNPARTITIONED)
+
+    @contextmanager
+    def parquet_writer(self, asset: Iterable[str], partition: str | None,
+                       schema: pa.Schema) -> Iterator[ParquetFileWriter]:
+        """Write one asset partition's Parquet; a failure leaves no file that anything trusts."""
+        writer = ParquetFileWriter(self.asset_dir(asset, partition), schema)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        self._prune(writer.directory, keep={writer.ref.path} if writer.ref else set())
+
+    def _prune(self, directory: UPath, keep: set[str]) -> None:
+        pointer = directory / LATEST_POINTER
+        if pointer.exists():
+            keep = keep | {FileRef.from_json(pointer.read_text()).path}
+        files = sorted((p for p in directory.glob("*.parquet")), key=lambda p: p.stat().st_mtime, reverse=True)
+        for stale in files[self.keep_versions:]:
+            if str(stale) not in keep:
+                stale.unlink(missing_ok=True)
+
+    def check(self, ref: FileRef, verify_hash: bool = True) -> FileRef:
+        """The same ref if it is inside the root and unchanged; FileRefError otherwise."""
+        path = UPath(ref.path)
+        if not self._inside_root(path):
+            raise FileRefError(f"FileRef {ref.path} points outside the storage root {self.root}")
+        if not path.exists():
+            raise FileRefError(f"FileRef {ref.path} no longer exists")
+        if verify_hash:
+            actual = file_sha256(path)
+            if actual != ref.sha256:
+                raise FileRefError(f"FileRef {ref.path} was modified: sha256 is {actual}, expected {ref.sha256}")
+        elif path.stat().st_size != ref.bytes:
+            raise FileRefError(f"FileRef {ref.path} was modified: size differs from {ref.bytes} bytes")
+        return ref
+
+    def _inside_root(self, path: UPath) -> bool:
+        root = self.root_path
+        if root.protocol != path.protocol:
+            return False
+        if root.protocol in ("", "file", "local"):
+            real_root, real_path = os.path.realpath(root.path), os.path.realpath(path.path)
+            return os.path.commonpath([real_root, real_path]) == real_root
+        root_s = root.path.rstrip("/") + "/"
+        return path.path.startswith(root_s) and ".." not in path.parts
+
+    def iter_batches(self, ref: FileRef, batch_size: int = 4096,
+                     columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream a FileRef's rows; the ref must have passed `check`."""
+        with UPath(ref.path).open("rb") as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
+
+    def parquet_schema(self, ref: FileRef) -> pa.Schema:
+        with UPath(ref.path).open("rb") as fh:
+            return pq.read_schema(fh)
+
+    def read_table(self, ref: FileRef, columns: list[str] | None = None) -> pa.Table:
+        with UPath(ref.path).open("rb") as fh:
+            return pq.read_table(fh, columns=columns)
+
+    # The latest materialization of each asset partition, for downstream loads on any machine.
+    def write_latest(self, asset: Iterable[str], partition: str | None, ref: FileRef) -> None:
+        write_text_atomic(self.asset_dir(asset, partition) / LATEST_POINTER, ref.to_json())
+
+    def read_latest(self, asset: Iterable[str], partition: str | None) -> FileRef | None:
+        pointer = self.asset_dir(asset, partition) / LATEST_POINTER
+        return FileRef.from_json(pointer.read_text()) if pointer.exists() else None
+
+    # Stage-output cache: key -> JSON payload describing a finished output.
+    def _cache_path(self, asset: Iterable[str], partition: str | None, key: str) -> UPath:
+        return self.root_path.joinpath("_cache", *asset, partition or UNPARTITIONED, f"{key}.json")
+
+    def cache_get(self, asset: Iterable[str], partition: str | None, key: str) -> dict[str, Any] | None:
+        path = self._cache_path(asset, partition, key)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            return None
+
+    def cache_put(self, asset: Iterable[str], partition: str | None, key: str, payload: dict[str, Any]) -> None:
+        write_text_atomic(self._cache_path(asset, partition, key), json.dumps(payload, sort_keys=True))
+
+    def cached_fileref(self, asset: Iterable[str], partition: str | None, key: str) -> FileRef | None:
+        """The cached output for a key if its file is still there, unchanged; else None."""
+        payload = self.cache_get(asset, partition, key)
+        if not payload or "fileref" not in payload:
+            return None
+        try:
+            return self.check(FileRef(**payload["fileref"]))
+        except (FileRefError, TypeError):
+            return None
+
+
+class FileRefIOManager(ConfigurableIOManager):
+    """Stores the FileRef an asset returns and hands downstream verified FileRefs.
+
+    For an unpartitioned asset downstream of a partitioned one, the input is {partition: FileRef}.
+    """
+
+    store: FileStore
+
+    def handle_output(self, context: OutputContext, obj: FileRef) -> None:
+        if not isinstance(obj, FileRef):
+            raise TypeError(f"{context.asset_key.to_user_string()} must return a FileRef, got {type(obj).__name__}")
+        started = time.perf_counter()
+        self.store.check(obj, verify_hash=False)
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        self.store.write_latest(context.asset_key.path, partition, obj)
+        context.add_output_metadata({**obj.metadata(), "io_seconds": time.perf_counter() - started})
+
+    def load_input(self, context: InputContext) -> FileRef | dict[str, FileRef]:
+        asset = context.asset_key.path
+        if context.has_asset_partitions:
+            keys = list(context.asset_partition_keys)
+            if context.has_partition_key and len(keys) == 1:
+                return self._load(asset, keys[0])  # a partition reads the same partition upstream
+            return {key: self._load(asset, key) for key in keys}  # an index reads every partition
+        return self._load(asset, None)
+
+    def _load(self, asset: list[str], partition: str | None) -> FileRef:
+        ref = self.store.read_latest(asset, partition)
+        where = "/".join(asset) + (f" partition {partition!r}" if partition else "")
+        if ref is None:
+            raise FileRefError(f"{where} has not been materialized yet (no FileRef under {self.store.root})")
+        return self.store.check(ref)

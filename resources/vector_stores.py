@@ -1,0 +1,327 @@
+"""Vector stores as Dagster resources: a versioned FAISS index on the storage root, and Milvus.
+
+Both hold one vector per current chunk under the same deterministic int64 id, with the chunk's
+document id, title and text beside it so that a search can print results without another lookup.
+"""
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import ConfigurableResource
+from pydantic import Field, PrivateAttr
+from upath import UPath
+
+from quiver.errors import ConfigError, QuiverError
+from quiver.settings import default_milvus_uri, default_storage_root
+from quiver.vector_index import IndexSettings, build_index, search_index
+from resources.fileref import _atomic_replace, write_text_atomic
+
+SNIPPET_CHARS = 2000
+CURRENT_POINTER = "CURRENT"
+# Columns every vector store keeps beside the vector.
+PAYLOAD_COLUMNS = ("vector_id", "chunk_id", "doc_id", "source", "title", "text", "vector_key")
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    score: float
+    vector_id: int
+    chunk_id: str
+    doc_id: str
+    source: str
+    title: str
+    text: str
+
+
+def _local(path: UPath) -> bool:
+    return path.protocol in ("", "file", "local")
+
+
+@dataclass
+class FaissVersion:
+    """One immutable, fully written index version, and its payload table."""
+
+    directory: UPath
+    manifest: dict[str, Any]
+    index: faiss.Index
+    payload: pa.Table
+
+    @cached_property
+    def row_of(self) -> dict[int, int]:
+        return {int(v): i for i, v in enumerate(self.payload.column("vector_id").to_numpy())}
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
+        scores, ids = search_index(self.index, queries, k)
+        columns = {name: self.payload.column(name) for name in PAYLOAD_COLUMNS}
+        results = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            hits = []
+            for score, vid in zip(row_scores, row_ids, strict=True):
+                if vid < 0:
+                    continue
+                r = self.row_of[int(vid)]
+                hits.append(SearchHit(float(score), int(vid), *(columns[c][r].as_py() for c in PAYLOAD_COLUMNS[1:6])))
+            results.append(hits)
+        return results
+
+
+class FaissStore(ConfigurableResource):
+    """Versioned FAISS indexes: each build is a new directory; CURRENT names the live one.
+
+    A build is written to a temp directory, renamed into place, and only then made current, so a
+    reader never sees a half-written index.
+    """
+
+    directory: str = Field(default_factory=lambda: f"{default_storage_root()}/faiss_index")
+    index_type: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    auto_approximate_above: int = 200_000
+    auto_approximate_type: Literal["ivf", "hnsw"] = "hnsw"
+    ivf_nlist: int | None = None
+    ivf_nprobe: int = 16
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    keep_versions: int = 2
+
+    def settings(self) -> IndexSettings:
+        return IndexSettings(
+            index_type=self.index_type, auto_approximate_above=self.auto_approximate_above,
+            auto_approximate_type=self.auto_approximate_type, ivf_nlist=self.ivf_nlist,
+            ivf_nprobe=self.ivf_nprobe, hnsw_m=self.hnsw_m, hnsw_ef_construction=self.hnsw_ef_construction,
+            hnsw_ef_search=self.hnsw_ef_search,
+        )
+
+    @property
+    def root(self) -> UPath:
+        return UPath(self.directory)
+
+    def version_dir(self, key: str) -> UPath:
+        return self.root / "versions" / key
+
+    def has_version(self, key: str) -> bool:
+        return (self.version_dir(key) / "manifest.json").exists()
+
+    def write_version(self, key: str, vectors: np.ndarray, payload: pa.Table,
+                      extra_manifest: dict[str, Any]) -> dict[str, Any]:
+        """Build and store an index version named by key; returns its manifest."""
+        ids = payload.column("vector_id").to_numpy()
+        if len(np.unique(ids)) != len(ids):
+            raise QuiverError("duplicate vector ids in the index input: a chunk id repeats")
+        started = time.perf_counter()
+        index, kind = build_index(vectors, ids, self.settings())
+        build_seconds = time.perf_counter() - started
+        final = self.version_dir(key)
+        tmp = self.root / "versions" / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            if _local(tmp):
+                faiss.write_index(index, str(tmp.path) + "/index.faiss")
+            else:
+                (tmp / "index.faiss").write_bytes(faiss.serialize_index(index).tobytes())
+            with (tmp / "payload.parquet").open("wb") as fh:
+                pq.write_table(payload, fh, compression="zstd")
+            manifest = {
+                "key": key, "index_type": kind, "ntotal": int(index.ntotal), "dimension": int(vectors.shape[1])
+                if vectors.ndim == 2 else 0, "build_seconds": build_seconds, "created": time.time(),
+                **extra_manifest,
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+            if final.exists():
+                self._remove(final)
+            _atomic_replace(tmp, final)
+        except BaseException:
+            self._remove(tmp)
+            raise
+        return manifest
+
+    def make_current(self, key: str) -> None:
+        if not self.has_version(key):
+            raise QuiverError(f"FAISS index version {key} is incomplete or missing")
+        write_text_atomic(self.root / CURRENT_POINTER, key)
+        self._prune(keep=key)
+
+    def current_key(self) -> str | None:
+        pointer = self.root / CURRENT_POINTER
+        return pointer.read_text().strip() if pointer.exists() else None
+
+    def open_current(self) -> FaissVersion:
+        key = self.current_key()
+        if key is None:
+            raise QuiverError(f"no FAISS index under {self.directory}: materialize faiss_index first")
+        return self.open_version(key)
+
+    def open_version(self, key: str) -> FaissVersion:
+        directory = self.version_dir(key)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        if _local(directory):
+            index = faiss.read_index(str(directory.path) + "/index.faiss")
+        else:
+            index = faiss.deserialize_index(np.frombuffer((directory / "index.faiss").read_bytes(), dtype=np.uint8))
+        with (directory / "payload.parquet").open("rb") as fh:
+            payload = pq.read_table(fh)
+        return FaissVersion(directory, manifest, index, payload)
+
+    def _prune(self, keep: str) -> None:
+        versions = self.root / "versions"
+        dirs = sorted((d for d in versions.iterdir() if d.is_dir() and not d.name.startswith(".tmp-")),
+                      key=lambda d: (d / "manifest.json").stat().st_mtime if (d / "manifest.json").exists() else 0,
+                      reverse=True)
+        for old in dirs[self.keep_versions:]:
+            if old.name != keep:
+                self._remove(old)
+
+    @staticmethod
+    def _remove(path: UPath) -> None:
+        if _local(path):
+            shutil.rmtree(path.path, ignore_errors=True)
+        else:
+            path.fs.rm(path.path, recursive=True)
+
+
+_MILVUS_CLIENTS: dict[tuple[str, str, str], Any] = {}
+_MILVUS_LOCK = threading.Lock()
+
+
+class MilvusStore(ConfigurableResource):
+    """A Milvus collection through MilvusClient: Milvus Lite by default, a server by URI and token."""
+
+    uri: str = Field(default_factory=default_milvus_uri,
+                     description="Milvus Lite file path, or http(s)://host:19530 for a server.")
+    token: str = Field(default="", description="user:password or API key for a server.")
+    db_name: str = ""
+    collection: str = "quiver_chunks"
+    index_type: str = Field(default="FLAT", description="FLAT (exact), HNSW, IVF_FLAT or AUTOINDEX.")
+    insert_batch_size: int = Field(default=512, ge=1)
+
+    _client: Any = PrivateAttr(default=None)
+
+    def client(self) -> Any:
+        """One client per process and URI: Milvus Lite allows one opener per database file."""
+        from pymilvus import MilvusClient
+
+        key = (self.uri, self.token, self.db_name)
+        with _MILVUS_LOCK:
+            client = _MILVUS_CLIENTS.get(key)
+            if client is None:
+                if "://" not in self.uri:
+                    os.makedirs(os.path.dirname(os.path.abspath(self.uri)), exist_ok=True)
+                kwargs: dict[str, Any] = {"uri": self.uri}
+                if self.token:
+                    kwargs["token"] = self.token
+                if self.db_name:
+                    kwargs["db_name"] = self.db_name
+                client = MilvusClient(**kwargs)
+                _MILVUS_CLIENTS[key] = client
+            return client
+
+    def exists(self) -> bool:
+        return bool(self.client().has_collection(self.collection))
+
+    def ensure_collection(self, dimension: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        client = self.client()
+        if client.has_collection(self.collection):
+            described = client.describe_collection(self.collection)
+            dims = [f.get("params", {}).get("dim") for f in described["fields"] if f["name"] == "vector"]
+            if dims and int(dims[0]) != dimension:
+                raise ConfigError(
+                    f"Milvus collection {self.collection!r} holds {dims[0]}-d vectors but the model gives "
+                    f"{dimension}-d: drop it or use another collection name")
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+        schema.add_field("chunk_id", DataType.VARCHAR, max_length=4096)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=4096)
+        schema.add_field("source", DataType.VARCHAR, max_length=512)
+        schema.add_field("title", DataType.VARCHAR, max_length=8192)
+        schema.add_field("text", DataType.VARCHAR, max_length=65535)
+        schema.add_field("vector_key", DataType.VARCHAR, max_length=64)
+        index_params = client.prepare_index_params()
+        index_params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP")
+        client.create_collection(self.collection, schema=schema, index_params=index_params,
+                                 consistency_level="Strong")
+
+    def existing_keys(self, source: str | None = None) -> dict[int, str]:
+        """{vector id: vector key} of what the collection holds (optionally for one source)."""
+        client = self.client()
+        filter_expr = f'source == "{_escape(source)}"' if source is not None else "id >= 0"
+        iterator = client.query_iterator(self.collection, batch_size=4096, filter=filter_expr,
+                                         output_fields=["id", "vector_key"])
+        found: dict[int, str] = {}
+        try:
+            while True:
+                page = iterator.next()
+                if not page:
+                    break
+                found.update((int(row["id"]), row["vector_key"]) for row in page)
+        finally:
+            iterator.close()
+        return found
+
+    def upsert_rows(self, rows: list[dict[str, Any]]) -> int:
+        client = self.client()
+        written = 0
+        for start in range(0, len(rows), self.insert_batch_size):
+            batch = rows[start:start + self.insert_batch_size]
+            client.upsert(self.collection, batch)
+            written += len(batch)
+        return written
+
+    def delete_ids(self, ids: Iterable[int]) -> int:
+        client = self.client()
+        ids = list(ids)
+        for start in range(0, len(ids), 4096):
+            client.delete(self.collection, ids=ids[start:start + 4096])
+        return len(ids)
+
+    def count(self) -> int:
+        result = self.client().query(self.collection, filter="", output_fields=["count(*)"])
+        return int(result[0]["count(*)"])
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
+        result = self.client().search(
+            self.collection, data=[q.tolist() for q in queries], limit=k,
+            output_fields=list(PAYLOAD_COLUMNS[1:6]), search_params={"metric_type": "IP"},
+        )
+        hits = []
+        for row in result:
+            hits.append([
+                SearchHit(float(h["distance"]), int(h["id"]), *(h["entity"][c] for c in PAYLOAD_COLUMNS[1:6]))
+                for h in row
+            ])
+        return hits
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def rows_for_milvus(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
+    """Milvus rows of an embeddings batch; text is cut to the snippet length Milvus stores."""
+    vectors = batch.column("vector").flatten().to_numpy().reshape(batch.num_rows, -1)
+    columns = {name: batch.column(name).to_pylist() for name in PAYLOAD_COLUMNS}
+    for i in range(batch.num_rows):
+        yield {
+            "id": columns["vector_id"][i],
+            "vector": vectors[i].tolist(),
+            "chunk_id": columns["chunk_id"][i],
+            "doc_id": columns["doc_id"][i],
+            "source": columns["source"][i],
+            "title": columns["title"][i][:2000],
+            "text": columns["text"][i][:SNIPPET_CHARS],
+            "vector_key": columns["vector_key"][i],
+        }
