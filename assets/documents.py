@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import pyarrow as pa
-from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
 from assets.common import (
@@ -16,6 +16,7 @@ from assets.common import (
     stage_cache_key,
     stage_code_version,
 )
+from quiver.errors import InputError
 from quiver.sources import Document, ReadReport, read_documents, source_fingerprint
 from resources.fileref import FileRef, FileStore
 from resources.sources import SourceRegistry
@@ -85,10 +86,15 @@ def documents(
                       metadata={"cache_hit": True, "cache_key": key, "source": spec.path})
 
     report = ReadReport()
-    with store.parquet_writer(asset_path, partition, DOCUMENTS_SCHEMA) as writer:
-        for batch in document_batches(read_documents(spec.kind, spec.path, config.on_bad_record, report)):
-            writer.write_batch(batch)
-            context.log.debug(f"documents[{partition}]: {writer.rows} documents so far")
+    try:
+        with store.parquet_writer(asset_path, partition, DOCUMENTS_SCHEMA) as writer:
+            for batch in document_batches(read_documents(spec.kind, spec.path, config.on_bad_record, report)):
+                writer.write_batch(batch)
+                context.log.debug(f"documents[{partition}]: {writer.rows} documents so far")
+    except InputError as exc:
+        # Nothing was written: the partition's last good output stays the one downstream reads.
+        raise Failure(description=f"bad input in source {partition!r}: {exc}",
+                      metadata={"location": exc.location, "problem": exc.problem}) from exc
     ref = writer.ref
     assert ref is not None
     store.cache_put(asset_path, partition, key, {"fileref": ref.as_dict()})

@@ -2,15 +2,12 @@
 
 from dagster import AssetSelection, define_asset_job
 
-from assets.common import sources_partitions
-
 INGEST_ASSETS = ("documents", "chunks", "embeddings")
 INDEX_ASSETS = ("faiss_index", "milvus_collection")
 
 ingest_job = define_asset_job(
     "ingest_job",
     selection=AssetSelection.assets(*INGEST_ASSETS),
-    partitions_def=sources_partitions,
     description="Read, chunk and embed one source (a partition).",
 )
 

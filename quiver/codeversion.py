@@ -13,6 +13,8 @@ from quiver.settings import PROJECT_ROOT
 # Packages whose code decides what a stage outputs. resources/ is infrastructure (where and how
 # things are stored), whose effect on outputs is captured by config and fingerprints instead.
 LOGIC_PACKAGES = ("quiver", "assets")
+# Project modules that decide nothing about a stage's output.
+NOT_LOGIC = frozenset({"quiver.codeversion", "quiver.settings", "quiver.cli"})
 
 
 def module_file(module: str, root: Path) -> Path | None:
@@ -40,7 +42,7 @@ def _imported_modules(module: str, file: Path, root: Path) -> set[str]:
             found.add(target)
             # `from quiver import chunking` imports a submodule
             found.update(f"{target}.{alias.name}" for alias in node.names)
-    return {m for m in found if m.split(".")[0] in LOGIC_PACKAGES and module_file(m, root)}
+    return {m for m in found if m.split(".")[0] in LOGIC_PACKAGES and m not in NOT_LOGIC and module_file(m, root)}
 
 
 def module_dependencies(module: str, root: Path = PROJECT_ROOT) -> list[str]:

@@ -232,6 +232,7 @@ def _read_jsonl(path: str, bad: BadRecord) -> Iterator[RawDocument]:
         except InputError as exc:
             bad(exc.location, exc.problem)
             continue
+        decoded = decoded.rstrip("\r\n")
         if not decoded.strip():
             continue
         try:

@@ -192,6 +192,7 @@ class FaissStore(ConfigurableResource):
 
 _MILVUS_CLIENTS: dict[tuple[str, str, str], Any] = {}
 _MILVUS_LOCK = threading.Lock()
+_LOADED_COLLECTIONS: set[tuple[str, str, str]] = set()
 
 
 class MilvusStore(ConfigurableResource):
@@ -204,30 +205,59 @@ class MilvusStore(ConfigurableResource):
     collection: str = "quiver_chunks"
     index_type: str = Field(default="FLAT", description="FLAT (exact), HNSW, IVF_FLAT or AUTOINDEX.")
     insert_batch_size: int = Field(default=512, ge=1)
+    lite_open_timeout_s: float = Field(default=60.0, description="Wait this long for another process to "
+                                                                 "release a Milvus Lite database.")
 
     _client: Any = PrivateAttr(default=None)
 
     def client(self) -> Any:
         """One client per process and URI: Milvus Lite allows one opener per database file."""
-        from pymilvus import MilvusClient
-
         key = (self.uri, self.token, self.db_name)
         with _MILVUS_LOCK:
             client = _MILVUS_CLIENTS.get(key)
             if client is None:
-                if "://" not in self.uri:
-                    os.makedirs(os.path.dirname(os.path.abspath(self.uri)), exist_ok=True)
-                kwargs: dict[str, Any] = {"uri": self.uri}
-                if self.token:
-                    kwargs["token"] = self.token
-                if self.db_name:
-                    kwargs["db_name"] = self.db_name
-                client = MilvusClient(**kwargs)
+                client = self._connect()
                 _MILVUS_CLIENTS[key] = client
             return client
 
+    def _connect(self) -> Any:
+        from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        kwargs: dict[str, Any] = {"uri": self.uri}
+        if self.token:
+            kwargs["token"] = self.token
+        if self.db_name:
+            kwargs["db_name"] = self.db_name
+        lite = "://" not in self.uri
+        if lite:
+            os.makedirs(os.path.dirname(os.path.abspath(self.uri)), exist_ok=True)
+        deadline = time.monotonic() + (self.lite_open_timeout_s if lite else 0)
+        while True:
+            try:
+                return MilvusClient(**kwargs)
+            except MilvusException as exc:
+                if not lite:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise QuiverError(
+                        f"cannot open the Milvus Lite database {self.uri}: another process holds it "
+                        f"(Milvus Lite allows one process at a time; waited {self.lite_open_timeout_s:.0f}s). "
+                        f"Close the other process, or use a Milvus server for concurrent access. ({exc})"
+                    ) from exc
+                time.sleep(0.5)
+
     def exists(self) -> bool:
         return bool(self.client().has_collection(self.collection))
+
+    def loaded_client(self) -> Any:
+        """The client, with the collection loaded for search and query (a new process finds it released)."""
+        client = self.client()
+        key = (self.uri, self.db_name, self.collection)
+        if key not in _LOADED_COLLECTIONS:
+            client.load_collection(self.collection)
+            _LOADED_COLLECTIONS.add(key)
+        return client
 
     def ensure_collection(self, dimension: int) -> None:
         from pymilvus import DataType, MilvusClient
@@ -257,7 +287,7 @@ class MilvusStore(ConfigurableResource):
 
     def existing_keys(self, source: str | None = None) -> dict[int, str]:
         """{vector id: vector key} of what the collection holds (optionally for one source)."""
-        client = self.client()
+        client = self.loaded_client()
         filter_expr = f'source == "{_escape(source)}"' if source is not None else "id >= 0"
         iterator = client.query_iterator(self.collection, batch_size=4096, filter=filter_expr,
                                          output_fields=["id", "vector_key"])
@@ -289,11 +319,11 @@ class MilvusStore(ConfigurableResource):
         return len(ids)
 
     def count(self) -> int:
-        result = self.client().query(self.collection, filter="", output_fields=["count(*)"])
+        result = self.loaded_client().query(self.collection, filter="", output_fields=["count(*)"])
         return int(result[0]["count(*)"])
 
     def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
-        result = self.client().search(
+        result = self.loaded_client().search(
             self.collection, data=[q.tolist() for q in queries], limit=k,
             output_fields=list(PAYLOAD_COLUMNS[1:6]), search_params={"metric_type": "IP"},
         )
@@ -325,3 +355,15 @@ def rows_for_milvus(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
             "text": columns["text"][i][:SNIPPET_CHARS],
             "vector_key": columns["vector_key"][i],
         }
+
+
+def close_milvus_clients() -> None:
+    """Release every Milvus connection of this process (Milvus Lite: lets another process open the file)."""
+    with _MILVUS_LOCK:
+        for client in _MILVUS_CLIENTS.values():
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        _MILVUS_CLIENTS.clear()
+        _LOADED_COLLECTIONS.clear()

@@ -1,0 +1,59 @@
+"""Helpers that run real Dagster materializations and read what they recorded."""
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, materialize
+
+from platform_defs.definitions import ALL_ASSETS
+from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
+from tests.conftest import DATASETS
+
+SCIFACT = DATASETS / "scifact"
+
+
+def add_source(instance: DagsterInstance, resources: dict[str, Any], name: str, path: str | Path,
+               kind: str | None = None) -> None:
+    resources["sources"].add(name, str(path), kind)
+    if name not in instance.get_dynamic_partitions("sources"):
+        instance.add_dynamic_partitions("sources", [name])
+
+
+def ingest(instance: DagsterInstance, resources: dict[str, Any], partition: str,
+           run_config: dict[str, Any] | None = None, raise_on_error: bool = True) -> ExecuteInProcessResult:
+    return materialize(ALL_ASSETS, instance=instance, resources=resources, partition_key=partition,
+                       selection=list(INGEST_ASSETS), run_config=run_config or {},
+                       raise_on_error=raise_on_error)
+
+
+def index(instance: DagsterInstance, resources: dict[str, Any]) -> ExecuteInProcessResult:
+    return materialize(ALL_ASSETS, instance=instance, resources=resources, selection=list(INDEX_ASSETS))
+
+
+def metadata(result: ExecuteInProcessResult, asset: str) -> dict[str, Any]:
+    """The metadata values of an asset's materialization in a run."""
+    for event in result.get_asset_materialization_events():
+        mat = event.materialization
+        if mat.asset_key == AssetKey(asset):
+            return {k: v.value for k, v in mat.metadata.items()}
+    raise AssertionError(f"{asset} was not materialized")
+
+
+def scifact_docs(n: int, start: int = 0) -> list[dict[str, Any]]:
+    docs = []
+    with gzip.open(SCIFACT / "corpus.jsonl.gz", "rt", encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if i < start:
+                continue
+            if len(docs) == n:
+                break
+            record = json.loads(line)
+            docs.append({"id": record["_id"], "title": record["title"], "text": record["text"]})
+    return docs
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path

@@ -1,0 +1,61 @@
+"""The command line as a user runs it: `dagster asset materialize`, `quiver run`, `quiver search`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PROJECT
+from tests.helpers import scifact_docs, write_jsonl
+
+BIN = Path(sys.executable).parent
+
+
+def _run(args: list[str], home: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(args, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_cli_materialize_run_and_search(quiver_home: Path, tmp_path: Path) -> None:
+    docs = scifact_docs(30)
+    source = write_jsonl(tmp_path / "small.jsonl", docs)
+    added = _run([str(BIN / "quiver"), "source", "add", "small", str(source)], quiver_home)
+    assert added.stdout.strip() == f"added source 'small': jsonl at {source}"
+
+    _run([str(BIN / "dagster"), "asset", "materialize", "-m", "platform_defs",
+          "--select", "documents,chunks,embeddings", "--partition", "small"], quiver_home)
+
+    run = _run([str(BIN / "quiver"), "run", "--source", "small"], quiver_home)
+    assert "Quiver is ready." in run.stdout
+    assert "quiver search" in run.stdout
+    listed = _run([str(BIN / "quiver"), "source", "list"], quiver_home)
+    assert listed.stdout.strip() == f"small\tjsonl\t{source}"
+
+    query = docs[7]["title"]
+    results = {}
+    for store in ("faiss", "milvus"):
+        out = _run([str(BIN / "quiver"), "search", query, "-k", "5", "--store", store, "--json"], quiver_home)
+        results[store] = json.loads(out.stdout)
+    assert [r["doc_id"] for r in results["faiss"]] == [r["doc_id"] for r in results["milvus"]]
+    top = results["faiss"][0]
+    assert top["doc_id"] == docs[7]["id"]  # a document's own title finds it first
+    assert top["title"] == docs[7]["title"]
+    assert top["rank"] == 1 and 0.5 < top["score"] <= 1.0001
+    assert len(results["faiss"]) == 5 and len({r["doc_id"] for r in results["faiss"]}) == 5
+    assert [r["rank"] for r in results["faiss"]] == [1, 2, 3, 4, 5]
+    assert top["snippet"] and top["snippet"] in " ".join(docs[7]["text"].split())
+
+    plain = _run([str(BIN / "quiver"), "search", query, "-k", "2"], quiver_home)
+    first_line = plain.stdout.splitlines()[0]
+    assert first_line.startswith(" 1. ") and docs[7]["id"] in first_line and "[small]" in first_line
+
+
+def test_cli_reports_unknown_source(quiver_home: Path) -> None:
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home)}
+    proc = subprocess.run([str(BIN / "quiver"), "run", "--source", "nope"], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown source 'nope': add it with `quiver source add nope PATH`" in proc.stderr
