@@ -2,15 +2,19 @@
 
 import time
 from dataclasses import asdict
+from typing import Any
 
 import pyarrow as pa
-from dagster import AssetExecutionContext, Config, DataVersion, Output, asset
+from dagster import AssetExecutionContext, Config, Output, asset
 from pydantic import Field
 
 from assets.common import (
     MEMORY_TAG,
-    partition_of,
-    run_metadata,
+    PartitionResult,
+    partitioned_output,
+    partitions_in_run,
+    refs_by_partition,
+    single_run_backfill,
     sources_partitions,
     stage_cache_key,
     stage_code_version,
@@ -50,8 +54,35 @@ def chunks_to_batch(chunks: list[Chunk]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist([asdict(c) for c in chunks], schema=CHUNKS_SCHEMA)
 
 
+def chunk_partition(context: AssetExecutionContext, partition: str, documents: FileRef, config: ChunksConfig,
+                    store: FileStore, model_pool: ModelPool) -> PartitionResult:
+    settings = config.settings()
+    key = stage_cache_key("chunks", partition, CODE_VERSION, {"documents": documents.sha256},
+                          {**asdict(settings), "tokenizer": model_pool.fingerprint()})
+    cached = None if config.force else store.cached_fileref(["chunks"], partition, key)
+    if cached is not None:
+        context.log.info(f"chunks[{partition}]: cache hit {key}")
+        return PartitionResult(cached, True, key)
+    tokenizer = model_pool.tokenizer()
+    tokens = 0
+    with store.parquet_writer(["chunks"], partition, CHUNKS_SCHEMA) as writer:
+        for batch in store.iter_batches(documents, DOCS_PER_BATCH, columns=["doc_id", "title", "text"]):
+            docs = list(zip(*(batch.column(c).to_pylist() for c in ("doc_id", "title", "text")), strict=True))
+            produced = chunk_documents(tokenizer, docs, settings)
+            tokens += sum(c.n_tokens for c in produced)
+            writer.write_batch(chunks_to_batch(produced))
+    assert writer.ref is not None
+    store.cache_put(["chunks"], partition, key, {"fileref": writer.ref.as_dict()})
+    context.log.info(f"chunks[{partition}]: {documents.rows} documents -> {writer.ref.rows} chunks")
+    return PartitionResult(writer.ref, False, key, {
+        "documents": documents.rows, "chunks": writer.ref.rows, "tokens": tokens,
+        "chunk_tokens": settings.chunk_tokens, "overlap_tokens": settings.overlap_tokens,
+    })
+
+
 @asset(
     partitions_def=sources_partitions,
+    backfill_policy=single_run_backfill,
     code_version=CODE_VERSION,
     io_manager_key="fileref_io_manager",
     group_name="ingest",
@@ -60,33 +91,10 @@ def chunks_to_batch(chunks: list[Chunk]) -> pa.RecordBatch:
     description="Token-aware chunks with stable ids (document id + position) and per-chunk hashes.",
 )
 def chunks(
-    context: AssetExecutionContext, config: ChunksConfig, documents: FileRef, store: FileStore,
-    model_pool: ModelPool,
-) -> Output[FileRef]:
+    context: AssetExecutionContext, config: ChunksConfig, documents: Any, store: FileStore, model_pool: ModelPool,
+) -> Output[Any]:
     started = time.perf_counter()
-    partition = partition_of(context)
-    settings = config.settings()
-    key = stage_cache_key(context, CODE_VERSION, {"documents": documents.sha256},
-                          {**asdict(settings), "tokenizer": model_pool.fingerprint()})
-    asset_path = context.asset_key.path
-    cached = None if config.force else store.cached_fileref(asset_path, partition, key)
-    if cached is not None:
-        context.log.info(f"chunks[{partition}]: cache hit {key}")
-        return Output(cached, data_version=DataVersion(cached.sha256), metadata={"cache_hit": True, "cache_key": key})
-
-    tokenizer = model_pool.tokenizer()
-    tokens = 0
-    with store.parquet_writer(asset_path, partition, CHUNKS_SCHEMA) as writer:
-        for batch in store.iter_batches(documents, DOCS_PER_BATCH, columns=["doc_id", "title", "text"]):
-            docs = list(zip(*(batch.column(c).to_pylist() for c in ("doc_id", "title", "text")), strict=True))
-            produced = chunk_documents(tokenizer, docs, settings)
-            tokens += sum(c.n_tokens for c in produced)
-            writer.write_batch(chunks_to_batch(produced))
-    ref = writer.ref
-    assert ref is not None
-    store.cache_put(asset_path, partition, key, {"fileref": ref.as_dict()})
-    context.log.info(f"chunks[{partition}]: {documents.rows} documents -> {ref.rows} chunks")
-    return Output(ref, data_version=DataVersion(ref.sha256), metadata=run_metadata(started, ref.rows, {
-        "cache_hit": False, "cache_key": key, "documents": documents.rows, "chunks": ref.rows, "tokens": tokens,
-        "chunk_tokens": settings.chunk_tokens, "overlap_tokens": settings.overlap_tokens,
-    }))
+    upstream = refs_by_partition(documents, partitions_in_run(context))
+    results = {p: chunk_partition(context, p, upstream[p], config, store, model_pool)
+               for p in partitions_in_run(context)}
+    return partitioned_output(started, results)

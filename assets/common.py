@@ -1,20 +1,37 @@
-"""What every stage shares: the sources partitioning, code versions, cache keys and run metadata."""
+"""What every stage shares: the sources partitioning, code versions, cache keys and run metadata.
+
+The document-level stages have a single-run backfill policy: one run may materialize many source
+partitions (one model load for all of them), so each stage computes a result per partition.
+"""
 
 import resource
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from dagster import AssetExecutionContext, BetaWarning, DynamicPartitionsDefinition, MetadataValue
+from dagster import (
+    AssetExecutionContext,
+    BackfillPolicy,
+    BetaWarning,
+    DataVersion,
+    DataVersionsByPartition,
+    DynamicPartitionsDefinition,
+    MetadataValue,
+    Output,
+)
 
 from quiver.codeversion import code_version
 from quiver.hashing import sha256_json
+from resources.fileref import FileRef
 
 # Output(data_version=...) is how a materialization carries its content hash; it is beta in 1.13.
 warnings.filterwarnings("ignore", category=BetaWarning)
 
 sources_partitions = DynamicPartitionsDefinition(name="sources")
+# A backfill over many sources runs once, so the model is loaded once for all of them.
+single_run_backfill = BackfillPolicy.single_run()
 
 # Op tag naming the memory class of a step (see the concurrency limits).
 MEMORY_TAG = "quiver/memory"
@@ -24,16 +41,28 @@ def stage_code_version(module: str) -> str:
     return code_version(module)
 
 
+def partitions_in_run(context: AssetExecutionContext) -> list[str]:
+    """The source partitions this run materializes: one, or a range in a single-run backfill."""
+    return list(context.partition_keys)
+
+
+def refs_by_partition(value: FileRef | Mapping[str, FileRef], partitions: list[str]) -> dict[str, FileRef]:
+    """An upstream input as {partition: FileRef}, whether one partition or many were loaded."""
+    if isinstance(value, FileRef):
+        return {partitions[0]: value}
+    return dict(value)
+
+
 def stage_cache_key(
-    context: AssetExecutionContext,
+    asset: str,
+    partition: str | None,
     code_version_: str,
     inputs: Mapping[str, Any],
     config: Mapping[str, Any],
 ) -> str:
     """Same code, same upstream data versions, same config, same partition -> same key."""
-    partition = context.partition_key if context.has_partition_key else None
     return sha256_json({
-        "asset": context.asset_key.to_user_string(),
+        "asset": asset,
         "partition": partition,
         "code_version": code_version_,
         "inputs": inputs,
@@ -56,5 +85,36 @@ def run_metadata(started: float, rows: int, extra: Mapping[str, Any] | None = No
     }
 
 
-def partition_of(context: AssetExecutionContext) -> str | None:
-    return context.partition_key if context.has_partition_key else None
+@dataclass
+class PartitionResult:
+    """One partition's output of a stage, and what happened computing it."""
+
+    ref: FileRef
+    cache_hit: bool
+    cache_key: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def partitioned_output(started: float, results: Mapping[str, PartitionResult],
+                       totals: Mapping[str, Any] | None = None) -> Output[Any]:
+    """One partition: its FileRef and content hash. Several: a FileRef and a data version each."""
+    rows = sum(r.ref.rows for r in results.values())
+    metadata = run_metadata(started, rows, {
+        "cache_hit": all(r.cache_hit for r in results.values()),
+        "cache_hits": sum(r.cache_hit for r in results.values()),
+        **(totals or {}),
+    })
+    if len(results) == 1:
+        [result] = results.values()
+        metadata.update({"cache_key": result.cache_key, **result.metadata})
+        return Output(result.ref, data_version=DataVersion(result.ref.sha256), metadata=metadata)
+    metadata["partitions"] = MetadataValue.json({
+        p: {"rows": r.ref.rows, "sha256": r.ref.sha256, "cache_hit": r.cache_hit, "cache_key": r.cache_key,
+            **{k: v for k, v in r.metadata.items() if isinstance(v, int | float | str | bool)}}
+        for p, r in results.items()
+    })
+    return Output(
+        {p: r.ref for p, r in results.items()},
+        data_version=DataVersionsByPartition({p: DataVersion(r.ref.sha256) for p, r in results.items()}),
+        metadata=metadata,
+    )

@@ -2,23 +2,25 @@
 
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
-from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
 from assets.common import (
     MEMORY_TAG,
-    partition_of,
-    run_metadata,
+    PartitionResult,
+    partitioned_output,
+    partitions_in_run,
+    single_run_backfill,
     sources_partitions,
     stage_cache_key,
     stage_code_version,
 )
 from quiver.errors import InputError
 from quiver.sources import Document, ReadReport, read_documents, source_fingerprint
-from resources.fileref import FileRef, FileStore
+from resources.fileref import FileStore
 from resources.sources import SourceRegistry
 
 CODE_VERSION = stage_code_version(__name__)
@@ -60,8 +62,38 @@ def _to_batch(docs: list[Document]) -> pa.RecordBatch:
     }, schema=DOCUMENTS_SCHEMA)
 
 
+def read_partition(context: AssetExecutionContext, partition: str, config: DocumentsConfig, store: FileStore,
+                   sources: SourceRegistry) -> PartitionResult:
+    spec = sources.get(partition)
+    fingerprint = source_fingerprint(spec.kind, spec.path)
+    key = stage_cache_key("documents", partition, CODE_VERSION, {"source": fingerprint},
+                          {"kind": spec.kind, "path": spec.path, "on_bad_record": config.on_bad_record})
+    cached = None if config.force else store.cached_fileref(["documents"], partition, key)
+    if cached is not None:
+        context.log.info(f"documents[{partition}]: cache hit {key}, reusing {cached.path}")
+        return PartitionResult(cached, True, key, {"source": spec.path})
+    report = ReadReport()
+    try:
+        with store.parquet_writer(["documents"], partition, DOCUMENTS_SCHEMA) as writer:
+            for batch in document_batches(read_documents(spec.kind, spec.path, config.on_bad_record, report)):
+                writer.write_batch(batch)
+    except InputError as exc:
+        # Nothing was written: the partition's last good output stays the one downstream reads.
+        raise Failure(description=f"bad input in source {partition!r}: {exc}",
+                      metadata={"location": exc.location, "problem": exc.problem}) from exc
+    assert writer.ref is not None
+    store.cache_put(["documents"], partition, key, {"fileref": writer.ref.as_dict()})
+    context.log.info(f"documents[{partition}]: {writer.ref.rows} documents from {spec.kind} source {spec.path}")
+    return PartitionResult(writer.ref, False, key, {
+        "source": spec.path, "source_kind": spec.kind, "documents": writer.ref.rows,
+        "empty_dropped": report.empty_dropped, "bad_records": len(report.bad_records),
+        "bad_record_examples": MetadataValue.json(report.bad_records[:20]),
+    })
+
+
 @asset(
     partitions_def=sources_partitions,
+    backfill_policy=single_run_backfill,
     code_version=CODE_VERSION,
     io_manager_key="fileref_io_manager",
     group_name="ingest",
@@ -71,41 +103,7 @@ def _to_batch(docs: list[Document]) -> pa.RecordBatch:
 )
 def documents(
     context: AssetExecutionContext, config: DocumentsConfig, store: FileStore, sources: SourceRegistry,
-) -> Output[FileRef]:
+) -> Output[Any]:
     started = time.perf_counter()
-    partition = partition_of(context)
-    spec = sources.get(partition or "stdlib")
-    fingerprint = source_fingerprint(spec.kind, spec.path)
-    key = stage_cache_key(context, CODE_VERSION, {"source": fingerprint},
-                          {"kind": spec.kind, "path": spec.path, "on_bad_record": config.on_bad_record})
-    asset_path = context.asset_key.path
-    cached = None if config.force else store.cached_fileref(asset_path, partition, key)
-    if cached is not None:
-        context.log.info(f"documents[{partition}]: cache hit {key}, reusing {cached.path}")
-        return Output(cached, data_version=DataVersion(cached.sha256),
-                      metadata={"cache_hit": True, "cache_key": key, "source": spec.path})
-
-    report = ReadReport()
-    try:
-        with store.parquet_writer(asset_path, partition, DOCUMENTS_SCHEMA) as writer:
-            for batch in document_batches(read_documents(spec.kind, spec.path, config.on_bad_record, report)):
-                writer.write_batch(batch)
-                context.log.debug(f"documents[{partition}]: {writer.rows} documents so far")
-    except InputError as exc:
-        # Nothing was written: the partition's last good output stays the one downstream reads.
-        raise Failure(description=f"bad input in source {partition!r}: {exc}",
-                      metadata={"location": exc.location, "problem": exc.problem}) from exc
-    ref = writer.ref
-    assert ref is not None
-    store.cache_put(asset_path, partition, key, {"fileref": ref.as_dict()})
-    context.log.info(f"documents[{partition}]: {ref.rows} documents from {spec.kind} source {spec.path}")
-    return Output(ref, data_version=DataVersion(ref.sha256), metadata=run_metadata(started, ref.rows, {
-        "cache_hit": False,
-        "cache_key": key,
-        "source": spec.path,
-        "source_kind": spec.kind,
-        "documents": ref.rows,
-        "empty_dropped": report.empty_dropped,
-        "bad_records": len(report.bad_records),
-        "bad_record_examples": MetadataValue.json(report.bad_records[:20]),
-    }))
+    results = {p: read_partition(context, p, config, store, sources) for p in partitions_in_run(context)}
+    return partitioned_output(started, results)

@@ -1,27 +1,33 @@
-"""Stage 3: encode chunk texts with the shared model pool into normalized float32 vectors."""
+"""Stage 3: encode chunk texts with the shared model pool, through the embedding cache."""
 
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, Output, asset
 from pydantic import Field
 from tqdm import tqdm
 
 from assets.common import (
     MEMORY_TAG,
-    partition_of,
-    run_metadata,
+    PartitionResult,
+    partitioned_output,
+    partitions_in_run,
+    refs_by_partition,
+    single_run_backfill,
     sources_partitions,
     stage_cache_key,
     stage_code_version,
 )
 from quiver.hashing import sha256_text, vector_id
+from resources.embedding_cache import CacheStats, EmbeddingCache, encode_with_cache
 from resources.fileref import FileRef, FileStore
-from resources.model_pool import ModelPool
+from resources.model_pool import ModelPool, metrics_metadata
 
 CODE_VERSION = stage_code_version(__name__)
+CHUNK_COLUMNS = ["chunk_id", "doc_id", "title", "text", "chunk_hash"]
 
 
 def embeddings_schema(dimension: int) -> pa.Schema:
@@ -62,12 +68,40 @@ def embeddings_batch(chunk_batch: pa.RecordBatch, vectors: np.ndarray, source: s
 
 
 class EmbeddingsConfig(Config):
-    texts_per_batch: int = Field(default=2048, description="Chunks read and encoded per batch.")
+    texts_per_batch: int = Field(default=2048, description="Chunks read, looked up and encoded per batch.")
     force: bool = False
+
+
+def embed_partition(context: AssetExecutionContext, partition: str, chunks: FileRef, config: EmbeddingsConfig,
+                    store: FileStore, model_pool: ModelPool, cache: EmbeddingCache,
+                    stats: CacheStats) -> PartitionResult:
+    fingerprint = model_pool.fingerprint()
+    key = stage_cache_key("embeddings", partition, CODE_VERSION, {"chunks": chunks.sha256},
+                          {"model": fingerprint, "source": partition})
+    cached = None if config.force else store.cached_fileref(["embeddings"], partition, key)
+    if cached is not None:
+        context.log.info(f"embeddings[{partition}]: cache hit {key}, 0 texts encoded")
+        return PartitionResult(cached, True, key)
+    schema = embeddings_schema(model_pool.dimension())
+    progress = tqdm(total=chunks.rows, desc=f"embeddings[{partition}]", unit="chunk",
+                    disable=not sys.stderr.isatty(), file=sys.stderr)
+    done = 0
+    with store.parquet_writer(["embeddings"], partition, schema) as writer:
+        for batch in store.iter_batches(chunks, config.texts_per_batch, columns=CHUNK_COLUMNS):
+            vectors = encode_with_cache(model_pool, cache, batch.column("text").to_pylist(), stats)
+            writer.write_batch(embeddings_batch(batch, vectors, partition, fingerprint, schema))
+            done += batch.num_rows
+            progress.update(batch.num_rows)
+            context.log.info(f"embeddings[{partition}]: {done}/{chunks.rows} chunks")
+    progress.close()
+    assert writer.ref is not None
+    store.cache_put(["embeddings"], partition, key, {"fileref": writer.ref.as_dict()})
+    return PartitionResult(writer.ref, False, key, {"chunks": chunks.rows})
 
 
 @asset(
     partitions_def=sources_partitions,
+    backfill_policy=single_run_backfill,
     code_version=CODE_VERSION,
     io_manager_key="fileref_io_manager",
     group_name="ingest",
@@ -76,50 +110,16 @@ class EmbeddingsConfig(Config):
     description="One L2-normalized float32 vector per chunk, with its deterministic vector id.",
 )
 def embeddings(
-    context: AssetExecutionContext, config: EmbeddingsConfig, chunks: FileRef, store: FileStore,
-    model_pool: ModelPool,
-) -> Output[FileRef]:
+    context: AssetExecutionContext, config: EmbeddingsConfig, chunks: Any, store: FileStore,
+    model_pool: ModelPool, embedding_cache: EmbeddingCache,
+) -> Output[Any]:
     started = time.perf_counter()
-    partition = partition_of(context)
-    source = partition or "stdlib"
-    fingerprint = model_pool.fingerprint()
-    key = stage_cache_key(context, CODE_VERSION, {"chunks": chunks.sha256},
-                          {"model": fingerprint, "source": source})
-    asset_path = context.asset_key.path
-    cached = None if config.force else store.cached_fileref(asset_path, partition, key)
-    if cached is not None:
-        context.log.info(f"embeddings[{partition}]: cache hit {key}, 0 texts encoded")
-        return Output(cached, data_version=DataVersion(cached.sha256),
-                      metadata={"cache_hit": True, "cache_key": key, "texts_encoded": 0})
-
-    loaded = model_pool.loaded()
-    schema = embeddings_schema(loaded.dimension)
-    encode_seconds = 0.0
-    encoded = 0
-    progress = tqdm(total=chunks.rows, desc=f"embeddings[{source}]", unit="chunk",
-                    disable=not sys.stderr.isatty(), file=sys.stderr)
-    with store.parquet_writer(asset_path, partition, schema) as writer:
-        for batch in store.iter_batches(chunks, config.texts_per_batch,
-                                        columns=["chunk_id", "doc_id", "title", "text", "chunk_hash"]):
-            t0 = time.perf_counter()
-            vectors = model_pool.encode(batch.column("text").to_pylist())
-            encode_seconds += time.perf_counter() - t0
-            encoded += batch.num_rows
-            writer.write_batch(embeddings_batch(batch, vectors, source, fingerprint, schema))
-            progress.update(batch.num_rows)
-            context.log.info(f"embeddings[{source}]: {encoded}/{chunks.rows} chunks encoded")
-    progress.close()
-    ref = writer.ref
-    assert ref is not None
-    store.cache_put(asset_path, partition, key, {"fileref": ref.as_dict()})
-    return Output(ref, data_version=DataVersion(ref.sha256), metadata=run_metadata(started, ref.rows, {
-        "cache_hit": False,
-        "cache_key": key,
-        "texts_encoded": encoded,
-        "encode_seconds": MetadataValue.float(round(encode_seconds, 3)),
-        "texts_per_second": MetadataValue.float(round(encoded / encode_seconds, 1) if encode_seconds else 0.0),
-        "model": model_pool.model,
-        "model_fingerprint": fingerprint,
-        "dimension": loaded.dimension,
-        "model_load_seconds": MetadataValue.float(round(loaded.load_seconds, 3)),
-    }))
+    before = model_pool.metrics()
+    stats = CacheStats()
+    upstream = refs_by_partition(chunks, partitions_in_run(context))
+    results = {p: embed_partition(context, p, upstream[p], config, store, model_pool, embedding_cache, stats)
+               for p in partitions_in_run(context)}
+    delta = model_pool.metrics().minus(before)
+    return partitioned_output(started, results, {
+        **metrics_metadata(delta), **stats.as_metadata(), **model_pool.describe(),
+    })

@@ -38,7 +38,7 @@ def faiss_index(
 ) -> MaterializeResult:
     started = time.perf_counter()
     settings = faiss_store.settings()
-    key = stage_cache_key(context, CODE_VERSION, partitions_hashes(embeddings), settings.__dict__)
+    key = stage_cache_key("faiss_index", None, CODE_VERSION, partitions_hashes(embeddings), settings.__dict__)
     if faiss_store.has_version(key) and not config.force:
         faiss_store.make_current(key)
         version = faiss_store.open_version(key)

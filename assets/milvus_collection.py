@@ -65,7 +65,7 @@ def milvus_collection(
     store: FileStore, milvus: MilvusStore, model_pool: ModelPool,
 ) -> MaterializeResult:
     started = time.perf_counter()
-    key = stage_cache_key(context, CODE_VERSION, partitions_hashes(embeddings),
+    key = stage_cache_key("milvus_collection", None, CODE_VERSION, partitions_hashes(embeddings),
                           {"uri": milvus.uri, "db": milvus.db_name, "collection": milvus.collection,
                            "index_type": milvus.index_type})
     asset_path = context.asset_key.path

@@ -272,14 +272,34 @@ class FileRefIOManager(ConfigurableIOManager):
 
     store: FileStore
 
-    def handle_output(self, context: OutputContext, obj: FileRef) -> None:
-        if not isinstance(obj, FileRef):
-            raise TypeError(f"{context.asset_key.to_user_string()} must return a FileRef, got {type(obj).__name__}")
+    def handle_output(self, context: OutputContext, obj: FileRef | dict[str, FileRef]) -> None:
+        """Record where each partition's output is; a multi-partition run hands {partition: FileRef}."""
         started = time.perf_counter()
-        self.store.check(obj, verify_hash=False)
-        partition = context.asset_partition_key if context.has_asset_partitions else None
-        self.store.write_latest(context.asset_key.path, partition, obj)
-        context.add_output_metadata({**obj.metadata(), "io_seconds": time.perf_counter() - started})
+        if isinstance(obj, FileRef):
+            partition = context.asset_partition_key if context.has_asset_partitions else None
+            refs = {partition: obj}
+        elif isinstance(obj, dict) and context.has_asset_partitions:
+            refs = dict(obj)
+            missing = set(context.asset_partition_keys) - set(refs)
+            if missing:
+                raise FileRefError(f"{context.asset_key.to_user_string()} returned no FileRef for {sorted(missing)}")
+        else:
+            raise TypeError(f"{context.asset_key.to_user_string()} must return a FileRef, got {type(obj).__name__}")
+        for partition, ref in refs.items():
+            if not isinstance(ref, FileRef):
+                raise TypeError(f"{context.asset_key.to_user_string()}[{partition}] is not a FileRef")
+            self.store.check(ref, verify_hash=False)
+            self.store.write_latest(context.asset_key.path, partition, ref)
+        if len(refs) == 1:
+            [ref] = refs.values()
+            context.add_output_metadata({**ref.metadata(), "io_seconds": time.perf_counter() - started})
+        else:
+            context.add_output_metadata({
+                "rows": MetadataValue.int(sum(r.rows for r in refs.values())),
+                "bytes": MetadataValue.int(sum(r.bytes for r in refs.values())),
+                "paths": MetadataValue.json({p: r.path for p, r in refs.items()}),
+                "io_seconds": time.perf_counter() - started,
+            })
 
     def load_input(self, context: InputContext) -> FileRef | dict[str, FileRef]:
         asset = context.asset_key.path

@@ -1,0 +1,383 @@
+"""Three-level embedding cache keyed by the model fingerprint and the sha256 of the encoded text.
+
+L1 is an in-process LRU bounded in bytes, L2 is Redis, L3 is immutable segment files under the
+storage root. A hit at a lower level fills the levels above it. Every entry carries the text's hash,
+its dimension and a CRC, and is checked on read: a corrupt, truncated, wrong-dimension or
+other-text entry is discarded (and counted) and the text is re-encoded, never returned.
+"""
+
+import hashlib
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from dagster import ConfigurableResource
+from pydantic import Field
+from upath import UPath
+
+from quiver.settings import default_storage_root
+
+ENTRY_MAGIC = b"QVE1"
+SEGMENT_MAGIC = b"QVSEG001"
+_ENTRY_HEADER = struct.Struct("<4sI")  # magic, dimension
+_SEGMENT_HEADER = struct.Struct("<8sII")  # magic, dimension, count
+LEVELS = ("l1", "l2", "l3")
+
+
+def entry_size(dimension: int) -> int:
+    return _ENTRY_HEADER.size + 32 + 4 * dimension + 4
+
+
+def pack_entry(text_sha: bytes, vector: np.ndarray) -> bytes:
+    """magic | dim | sha256(text) | float32 LE vector | crc32 of all before."""
+    body = _ENTRY_HEADER.pack(ENTRY_MAGIC, vector.shape[0]) + text_sha + vector.astype("<f4").tobytes()
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def unpack_entry(data: bytes | None, text_sha: bytes, dimension: int) -> np.ndarray | None:
+    """The vector if the entry is intact, for this text, of this dimension, and finite; else None."""
+    if not data or len(data) != entry_size(dimension):
+        return None
+    magic, dim = _ENTRY_HEADER.unpack_from(data)
+    if magic != ENTRY_MAGIC or dim != dimension:
+        return None
+    if struct.unpack_from("<I", data, len(data) - 4)[0] != zlib.crc32(data[:-4]):
+        return None
+    if data[_ENTRY_HEADER.size:_ENTRY_HEADER.size + 32] != text_sha:
+        return None
+    vector = np.frombuffer(data, dtype="<f4", count=dimension, offset=_ENTRY_HEADER.size + 32).astype(np.float32)
+    return vector if np.isfinite(vector).all() else None
+
+
+@dataclass
+class CacheStats:
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEVELS, 0))
+    misses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEVELS, 0))
+    fills: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEVELS, 0))
+    discarded: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEVELS, 0))
+
+    def add(self, other: "CacheStats") -> None:
+        for name in ("hits", "misses", "fills", "discarded"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            for level in LEVELS:
+                mine[level] += theirs[level]
+
+    def as_metadata(self) -> dict[str, int]:
+        return {f"cache_{level}_{kind}": getattr(self, kind)[level]
+                for level in LEVELS for kind in ("hits", "misses", "fills", "discarded")}
+
+
+class _LRU:
+    """Byte-bounded LRU shared by every cache resource of the process."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, bytes]) -> bytes | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, bytes], value: bytes) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
+            if len(value) > self.max_bytes:
+                return
+            self._data[key] = value
+            self.bytes += len(value)
+            while self.bytes > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self.bytes -= len(evicted)
+
+    def discard(self, key: tuple[str, bytes]) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+_L1: dict[int, _LRU] = {}
+_L1_LOCK = threading.Lock()
+
+
+def l1_for(max_bytes: int) -> _LRU:
+    with _L1_LOCK:
+        lru = _L1.get(max_bytes)
+        if lru is None:
+            lru = _L1[max_bytes] = _LRU(max_bytes)
+        return lru
+
+
+def clear_l1() -> None:
+    """Empty every in-process LRU (what a new process starts with)."""
+    with _L1_LOCK:
+        for lru in _L1.values():
+            lru.clear()
+
+
+class SegmentStore:
+    """L3: immutable segment files, each written atomically; an in-memory index maps text hash to entry."""
+
+    def __init__(self, directory: UPath, dimension: int) -> None:
+        self.directory = directory
+        self.dimension = dimension
+        self.size = entry_size(dimension)
+        self._index: dict[bytes, tuple[str, int]] = {}
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        if not self.directory.exists():
+            return
+        for segment in self.directory.glob("*.qvseg"):
+            name = segment.name
+            if name in self._known:
+                continue
+            self._known.add(name)
+            try:
+                with segment.open("rb") as fh:
+                    magic, dim, count = _SEGMENT_HEADER.unpack(fh.read(_SEGMENT_HEADER.size))
+                    keys = fh.read(32 * count)
+            except (OSError, struct.error):
+                continue
+            if magic != SEGMENT_MAGIC or dim != self.dimension or len(keys) != 32 * count:
+                continue  # not ours, or damaged header: its entries will simply miss
+            base = _SEGMENT_HEADER.size + 32 * count
+            for i in range(count):
+                self._index[keys[32 * i:32 * i + 32]] = (name, base + i * self.size)
+
+    def get_many(self, text_shas: Sequence[bytes]) -> dict[int, bytes]:
+        with self._lock:
+            if any(sha not in self._index for sha in text_shas):
+                self.refresh()
+            located = [(i, self._index.get(sha)) for i, sha in enumerate(text_shas)]
+        by_segment: dict[str, list[tuple[int, int]]] = {}
+        for i, where in located:
+            if where is not None:
+                by_segment.setdefault(where[0], []).append((i, where[1]))
+        found: dict[int, bytes] = {}
+        for name, entries in by_segment.items():
+            try:
+                with (self.directory / name).open("rb") as fh:
+                    for i, offset in sorted(entries, key=lambda e: e[1]):
+                        fh.seek(offset)
+                        found[i] = fh.read(self.size)
+            except OSError:
+                continue
+        return found
+
+    def put_many(self, text_shas: Sequence[bytes], entries: Sequence[bytes]) -> int:
+        if not text_shas:
+            return 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.qvseg"
+        tmp = self.directory / f".tmp-{name}"
+        payload = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.dimension, len(text_shas)) + b"".join(text_shas)
+        with tmp.open("wb") as fh:
+            fh.write(payload)
+            for entry in entries:
+                fh.write(entry)
+        from resources.fileref import _atomic_replace
+
+        _atomic_replace(tmp, self.directory / name)
+        with self._lock:
+            base = len(payload)
+            self._known.add(name)
+            for i, sha in enumerate(text_shas):
+                self._index[sha] = (name, base + i * self.size)
+        return len(text_shas)
+
+
+_SEGMENTS: dict[tuple[str, int], SegmentStore] = {}
+_SEGMENTS_LOCK = threading.Lock()
+
+
+class EmbeddingCache(ConfigurableResource):
+    """Where vectors already computed for the exact same text and model are found again."""
+
+    l1_enabled: bool = True
+    l1_max_bytes: int = Field(default=256 * 2**20, description="In-process LRU size in bytes.")
+    l2_enabled: bool = Field(default=False, description="Redis level; needs redis_url.")
+    redis_url: str = Field(default="", description="redis://host:6379/0 (QUIVER_REDIS_URL).")
+    redis_prefix: str = "quiver:emb:"
+    redis_ttl_s: int = Field(default=30 * 86400, description="Expiry of Redis entries; 0 keeps them.")
+    l3_enabled: bool = True
+    l3_directory: str = Field(default_factory=lambda: f"{default_storage_root()}/_embedding_cache")
+
+    def _redis(self) -> Any:
+        return _redis_client(self.redis_url)
+
+    def _segments(self, fingerprint: str, dimension: int) -> SegmentStore:
+        key = (f"{self.l3_directory}/{fingerprint}", dimension)
+        with _SEGMENTS_LOCK:
+            store = _SEGMENTS.get(key)
+            if store is None:
+                store = _SEGMENTS[key] = SegmentStore(UPath(key[0]), dimension)
+            return store
+
+    def _redis_key(self, fingerprint: str, sha: bytes) -> str:
+        return f"{self.redis_prefix}{fingerprint}:{sha.hex()}"
+
+    def lookup(self, fingerprint: str, dimension: int, text_shas: Sequence[bytes],
+               stats: CacheStats) -> dict[int, np.ndarray]:
+        """Vectors found for the given text hashes, by position; fills upper levels on lower hits."""
+        found: dict[int, np.ndarray] = {}
+        pending = list(range(len(text_shas)))
+        lru = l1_for(self.l1_max_bytes) if self.l1_enabled else None
+
+        if lru is not None:
+            still = []
+            for i in pending:
+                raw = lru.get((fingerprint, text_shas[i]))
+                vector = unpack_entry(raw, text_shas[i], dimension) if raw is not None else None
+                if vector is not None:
+                    found[i] = vector
+                    stats.hits["l1"] += 1
+                else:
+                    if raw is not None:
+                        stats.discarded["l1"] += 1
+                        lru.discard((fingerprint, text_shas[i]))
+                    stats.misses["l1"] += 1
+                    still.append(i)
+            pending = still
+
+        l2_hits: list[int] = []
+        if self.l2_enabled and pending:
+            values = self._redis().mget([self._redis_key(fingerprint, text_shas[i]) for i in pending])
+            still = []
+            corrupt = []
+            for i, raw in zip(pending, values, strict=True):
+                vector = unpack_entry(raw, text_shas[i], dimension) if raw is not None else None
+                if vector is not None:
+                    found[i] = vector
+                    stats.hits["l2"] += 1
+                    l2_hits.append(i)
+                else:
+                    if raw is not None:
+                        stats.discarded["l2"] += 1
+                        corrupt.append(self._redis_key(fingerprint, text_shas[i]))
+                    stats.misses["l2"] += 1
+                    still.append(i)
+            if corrupt:
+                self._redis().delete(*corrupt)
+            pending = still
+
+        l3_hits: list[int] = []
+        if self.l3_enabled and pending:
+            raw_found = self._segments(fingerprint, dimension).get_many([text_shas[i] for i in pending])
+            still = []
+            for j, i in enumerate(pending):
+                raw = raw_found.get(j)
+                vector = unpack_entry(raw, text_shas[i], dimension) if raw is not None else None
+                if vector is not None:
+                    found[i] = vector
+                    stats.hits["l3"] += 1
+                    l3_hits.append(i)
+                else:
+                    if raw is not None:
+                        stats.discarded["l3"] += 1
+                    stats.misses["l3"] += 1
+                    still.append(i)
+            pending = still
+
+        # Fill the levels above the one that hit.
+        if lru is not None:
+            for i in l2_hits + l3_hits:
+                lru.put((fingerprint, text_shas[i]), pack_entry(text_shas[i], found[i]))
+                stats.fills["l1"] += 1
+        if self.l2_enabled and l3_hits:
+            self._redis_put(fingerprint, [(text_shas[i], pack_entry(text_shas[i], found[i])) for i in l3_hits])
+            stats.fills["l2"] += len(l3_hits)
+        return found
+
+    def store(self, fingerprint: str, dimension: int, text_shas: Sequence[bytes], vectors: np.ndarray,
+              stats: CacheStats) -> None:
+        """Write freshly computed vectors to every enabled level."""
+        if not text_shas:
+            return
+        entries = [pack_entry(sha, vectors[i]) for i, sha in enumerate(text_shas)]
+        if self.l1_enabled:
+            lru = l1_for(self.l1_max_bytes)
+            for sha, entry in zip(text_shas, entries, strict=True):
+                lru.put((fingerprint, sha), entry)
+            stats.fills["l1"] += len(entries)
+        if self.l2_enabled:
+            self._redis_put(fingerprint, list(zip(text_shas, entries, strict=True)))
+            stats.fills["l2"] += len(entries)
+        if self.l3_enabled:
+            stats.fills["l3"] += self._segments(fingerprint, dimension).put_many(list(text_shas), entries)
+
+    def _redis_put(self, fingerprint: str, items: list[tuple[bytes, bytes]]) -> None:
+        pipe = self._redis().pipeline(transaction=False)
+        for sha, entry in items:
+            pipe.set(self._redis_key(fingerprint, sha), entry, ex=self.redis_ttl_s or None)
+        pipe.execute()
+
+
+_REDIS: dict[str, tuple[int, Any]] = {}
+
+
+def _redis_client(url: str) -> Any:
+    """One client per URL and process: a connection pool must not cross a fork."""
+    if not url:
+        from quiver.errors import ConfigError
+
+        raise ConfigError("the Redis cache level is enabled but no redis_url is set (QUIVER_REDIS_URL)")
+    pid, client = _REDIS.get(url, (-1, None))
+    if pid != os.getpid():
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+        _REDIS[url] = (os.getpid(), client)
+    return client
+
+
+def text_sha(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def encode_with_cache(pool: Any, cache: EmbeddingCache | None, texts: list[str], stats: CacheStats) -> np.ndarray:
+    """Vectors for texts: cached ones looked up, the rest encoded once each (duplicates too) and stored."""
+    state = pool.state()
+    dimension, fingerprint = state.dimension, state.fingerprint
+    shas = [text_sha(t) for t in texts]
+    found = cache.lookup(fingerprint, dimension, shas, stats) if cache is not None else {}
+    first_of: dict[bytes, int] = {}
+    for i, sha in enumerate(shas):
+        if i not in found:
+            first_of.setdefault(sha, i)
+    order = list(first_of.values())
+    fresh = pool.encode([texts[i] for i in order]) if order else np.zeros((0, dimension), np.float32)
+    if cache is not None and order:
+        cache.store(fingerprint, dimension, [shas[i] for i in order], fresh, stats)
+    out = np.empty((len(texts), dimension), dtype=np.float32)
+    for i, vector in found.items():
+        out[i] = vector
+    row_of = {sha: k for k, sha in enumerate(shas[i] for i in order)}
+    for i, sha in enumerate(shas):
+        if i not in found:
+            out[i] = fresh[row_of[sha]]
+    return out

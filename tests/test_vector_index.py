@@ -1,0 +1,73 @@
+"""FAISS index types, automatic choice by size, and atomic versioned writes."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from quiver.errors import QuiverError
+from quiver.vector_index import IndexSettings, build_index, choose_index_type
+from resources.vector_stores import PAYLOAD_COLUMNS, FaissStore
+
+
+def _data(n: int, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((40, dim))  # clustered, like real embeddings
+    vectors = (centers[rng.integers(0, 40, n)] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = rng.choice(2**62, size=n, replace=False).astype(np.int64)
+    return vectors, ids
+
+
+def _payload(ids: np.ndarray) -> pa.Table:
+    strings = [str(i) for i in ids]
+    return pa.table({"vector_id": pa.array(ids, pa.int64()),
+                     **{c: pa.array(strings) for c in PAYLOAD_COLUMNS[1:]}})
+
+
+def test_auto_is_exact_below_threshold_and_approximate_above() -> None:
+    settings = IndexSettings(auto_approximate_above=1000)
+    assert choose_index_type(settings, 1000) == "flat"
+    assert choose_index_type(settings, 1001) == "hnsw"
+    assert choose_index_type(IndexSettings(index_type="ivf"), 10) == "ivf"
+    assert choose_index_type(IndexSettings(auto_approximate_above=10, auto_approximate_type="ivf"), 11) == "ivf"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_index_types_find_neighbours_by_id(kind: str) -> None:
+    vectors, ids = _data(4000)
+    index, chosen = build_index(vectors, ids, IndexSettings(index_type=kind))  # type: ignore[arg-type]
+    assert chosen == kind and index.ntotal == 4000
+    exact = vectors[:50] @ vectors.T
+    truth = np.argsort(-exact, axis=1)[:, :10]
+    _, found = index.search(vectors[:50], 10)
+    recall = np.mean([len(set(ids[t]) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
+    assert recall == 1.0 if kind == "flat" else recall >= 0.8
+    assert (found[:, 0] == ids[:50]).all()  # each vector finds itself first, under its own id
+
+
+def test_versions_are_atomic_and_current_moves_only_when_complete(tmp_path: Path) -> None:
+    store = FaissStore(directory=str(tmp_path / "faiss"))
+    vectors, ids = _data(100)
+    store.write_version("v1", vectors, _payload(ids), {"content_hash": "h1"})
+    store.make_current("v1")
+    assert store.open_current().index.ntotal == 100
+
+    bad_ids = ids.copy()
+    bad_ids[1] = bad_ids[0]
+    with pytest.raises(QuiverError, match="duplicate vector ids"):
+        store.write_version("v2", vectors, _payload(bad_ids), {"content_hash": "h2"})
+    assert store.current_key() == "v1"
+    assert not store.has_version("v2")
+    with pytest.raises(QuiverError, match="incomplete or missing"):
+        store.make_current("v2")
+    assert [p.name for p in (tmp_path / "faiss" / "versions").iterdir()] == ["v1"]
+
+    store.write_version("v3", vectors[:10], _payload(ids[:10]), {"content_hash": "h3"})
+    assert store.current_key() == "v1"  # written but not yet current: readers still see v1
+    store.make_current("v3")
+    current = store.open_current()
+    assert current.index.ntotal == 10 and current.manifest["content_hash"] == "h3"
+    hit = current.search(vectors[3:4], 1)[0][0]
+    assert hit.vector_id == int(ids[3]) and hit.chunk_id == str(ids[3])
