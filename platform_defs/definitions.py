@@ -1,27 +1,24 @@
 """The Definitions Dagster loads (workspace.yaml, `dagster dev`, `dagster asset materialize -m platform_defs`)."""
 
-from dagster import Definitions, multiprocess_executor
+from dagster import Definitions
 
 from assets.chunks import chunks
 from assets.documents import documents
 from assets.embeddings import embeddings
 from assets.faiss_index import faiss_index
 from assets.milvus_collection import milvus_collection
+from platform_defs.executor import quiver_executor
 from platform_defs.jobs import index_job, ingest_job
 from platform_defs.resources import build_resources
 
 ALL_ASSETS = [documents, chunks, embeddings, faiss_index, milvus_collection]
 
-executor = multiprocess_executor.configured({
-    # forkserver: step processes fork from a server that has already imported the definitions.
-    "start_method": {"forkserver": {"preload_modules": ["platform_defs.definitions"]}},
-})
 
 defs = Definitions(
     assets=ALL_ASSETS,
     jobs=[ingest_job, index_job],
     resources=build_resources(),
-    executor=executor,
+    executor=quiver_executor(preload_model=True),
 )
 
 

@@ -2,6 +2,8 @@
 
 from dagster import AssetSelection, define_asset_job
 
+from platform_defs.executor import quiver_executor
+
 INGEST_ASSETS = ("documents", "chunks", "embeddings")
 INDEX_ASSETS = ("faiss_index", "milvus_collection")
 
@@ -15,4 +17,6 @@ index_job = define_asset_job(
     "index_job",
     selection=AssetSelection.assets(*INDEX_ASSETS),
     description="Bring the FAISS index and the Milvus collection up to date with every source.",
+    # No step of this job encodes texts: its forkserver skips the model preload.
+    executor_def=quiver_executor(preload_model=False),
 )

@@ -163,12 +163,15 @@ class ModelPool(ConfigurableResource):
     model: str = Field(default=BUNDLED_MODEL,
                        description="Any sentence-transformers name or path; 'bundled' is the packaged MiniLM.")
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N or auto.")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="Texts per forward pass: 8 is as fast as larger batches "
+                            "for MiniLM on CPU and keeps activation memory per step small (bench/model_pool.py).")
     max_seq_length: int | None = Field(default=None, description="Tokens per text; default: the model's.")
     normalize: bool = Field(default=True, description="L2-normalize vectors (cosine = inner product).")
     instances: int = Field(default=1, ge=1, description="Independent instances (one per GPU, or CPU copies).")
     max_reload_attempts: int = Field(default=3, ge=1, description="Reloads of a failing instance before giving up.")
     acquire_timeout_s: float = Field(default=600.0, description="Longest wait for a free instance.")
+    torch_threads: int = Field(default=0, ge=0, description="Intra-op CPU threads per process; 0 keeps torch's "
+                               "default. Set cores / concurrent model steps so that steps do not oversubscribe.")
 
     @property
     def model_path(self) -> str:
@@ -222,6 +225,10 @@ class ModelPool(ConfigurableResource):
             return state
         with state.lock:
             if state.instance_pid != os.getpid():
+                if self.torch_threads:
+                    import torch
+
+                    torch.set_num_threads(self.torch_threads)
                 devices = resolve_devices(self.device, self.instances)
                 state.instances = []
                 state.available = queue.Queue()
@@ -345,6 +352,9 @@ class ModelPool(ConfigurableResource):
             "model_inherited": state.inherited,
             "model_loaded_by_pid": state.loaded_by_pid,
             "model_loads_in_step_process": loads_in_this_process(),
+            "model_loads_by_pid": {str(pid): n for pid, n in LOADS_BY_PID.items()},
+            "step_pid": os.getpid(),
+            "step_parent_pid": os.getppid(),
             "model_load_seconds": round(state.load_seconds, 3) if not state.inherited else 0.0,
             "model_instances": self.instances,
             "model_device": self.device,

@@ -20,6 +20,7 @@ QUIVER_ENV = ("QUIVER_STORAGE_ROOT", "QUIVER_MILVUS_URI", "QUIVER_MILVUS_TOKEN",
 @pytest.fixture
 def quiver_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh DAGSTER_HOME (SQLite instance, artifacts, Milvus Lite) for one test."""
+    from resources import embedding_cache
     from resources.vector_stores import close_milvus_clients
 
     home = tmp_path / "dagster_home"
@@ -29,6 +30,8 @@ def quiver_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     for name in QUIVER_ENV:
         monkeypatch.delenv(name, raising=False)
     close_milvus_clients()
+    embedding_cache.clear_l1()  # each test starts like a fresh process: nothing cached in memory
+    embedding_cache._SEGMENTS.clear()
     yield home
     close_milvus_clients()
 

@@ -1,0 +1,25 @@
+"""Imported by the multiprocess executor's forkserver (preload_modules) before it forks any step.
+
+Loading the configured model here, on CPU, makes every step process inherit the weights
+copy-on-write instead of loading its own. Python ignores a failing preload import silently, so the
+model pool itself logs, in each step, whether it inherited the model or had to load it.
+"""
+
+import gc
+import logging
+import os
+
+from platform_defs.resources import build_resources
+
+_log = logging.getLogger("quiver.preload")
+
+try:
+    PRELOADED = build_resources(resolve_env=True)["model_pool"].preload()
+    _log.info("preloaded model %s in forkserver pid %s", PRELOADED.path, os.getpid())
+except Exception:  # noqa: BLE001 - steps then load the model themselves, and log that they did
+    _log.exception("model preload failed in pid %s; step processes will load the model", os.getpid())
+    PRELOADED = None
+
+# Move everything allocated so far out of the collector's reach: a collection in a forked step would
+# otherwise write to every object's header and copy the forkserver's pages into each step.
+gc.freeze()
