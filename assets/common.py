@@ -16,7 +16,6 @@ from dagster import (
     BackfillPolicy,
     BetaWarning,
     DataVersion,
-    DataVersionsByPartition,
     DynamicPartitionsDefinition,
     MetadataValue,
     Output,
@@ -97,7 +96,9 @@ class PartitionResult:
 
 def partitioned_output(started: float, results: Mapping[str, PartitionResult],
                        totals: Mapping[str, Any] | None = None) -> Output[Any]:
-    """One partition: its FileRef and content hash. Several: a FileRef and a data version each."""
+    """One partition: its FileRef, with its content hash as the data version. Several (a single-run
+    backfill): {partition: FileRef}; Output takes one data version for all partitions, so Dagster records
+    its logical version (code version + inputs) and each partition's content hash is in the metadata."""
     rows = sum(r.ref.rows for r in results.values())
     metadata = run_metadata(started, rows, {
         "cache_hit": all(r.cache_hit for r in results.values()),
@@ -113,8 +114,4 @@ def partitioned_output(started: float, results: Mapping[str, PartitionResult],
             **{k: v for k, v in r.metadata.items() if isinstance(v, int | float | str | bool)}}
         for p, r in results.items()
     })
-    return Output(
-        {p: r.ref for p, r in results.items()},
-        data_version=DataVersionsByPartition({p: DataVersion(r.ref.sha256) for p, r in results.items()}),
-        metadata=metadata,
-    )
+    return Output({p: r.ref for p, r in results.items()}, metadata=metadata)

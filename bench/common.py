@@ -39,7 +39,7 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    text = f"\n{title}\n" + "\n".join(lines)
+    text = f"\n{title}\n\n" + "\n".join(lines)
     print(text, flush=True)
     return text
 

@@ -30,6 +30,7 @@ def main() -> None:
     from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
     from platform_defs.resources import build_resources
     from quiver.sources import read_documents
+    from resources.embedding_cache import EmbeddingCache
 
     res = build_resources(resolve_env=True)
     source, kind = "stdlib", "stdlib"
@@ -49,10 +50,18 @@ def main() -> None:
     pool = res["model_pool"]
     pool.loaded()  # warm, as the forkserver preload makes it in production runs
 
-    def run_pipeline(config: dict[str, Any] | None = None) -> tuple[float, dict[str, dict[str, Any]]]:
+    def run_pipeline(
+        config: dict[str, Any] | None = None, resources: dict[str, Any] | None = None
+    ) -> tuple[float, dict[str, dict[str, Any]]]:
         started = time.perf_counter()
-        ing = materialize(ALL_ASSETS, instance=instance, resources=res, partition_key=source,
-                          selection=list(INGEST_ASSETS), run_config=config or {})
+        ing = materialize(
+            ALL_ASSETS,
+            instance=instance,
+            resources=resources or res,
+            partition_key=source,
+            selection=list(INGEST_ASSETS),
+            run_config=config or {},
+        )
         idx = materialize(ALL_ASSETS, instance=instance, resources=res, selection=list(INDEX_ASSETS))
         wall = time.perf_counter() - started
         meta = {}
@@ -82,30 +91,64 @@ def main() -> None:
         if i == 0:
             ours.append(first["embeddings"]["rows"] / first["embeddings"]["duration_seconds"])
         else:
-            _, forced = run_pipeline({"ops": {"embeddings": {"config": {"force": True}}}})
+            # Recompute the stage with the embedding cache off, so every chunk is really encoded again.
+            _, forced = run_pipeline(
+                {"ops": {"embeddings": {"config": {"force": True}}}},
+                {**res, "embedding_cache": EmbeddingCache(l1_enabled=False, l2_enabled=False, l3_enabled=False)},
+            )
+            assert forced["embeddings"]["texts_encoded"] == len(texts)
             ours.append(forced["embeddings"]["rows"] / forced["embeddings"]["duration_seconds"])
-        print(f"repeat {i + 1}: embedding stage {ours[-1]:.1f} chunks/s, plain encode {plain[-1]:.1f} texts/s",
-              flush=True)
+        print(
+            f"repeat {i + 1}: embedding stage {ours[-1]:.1f} chunks/s, plain encode {plain[-1]:.1f} texts/s", flush=True
+        )
     ratio = median(ours) / median(plain)
     cached_fraction = second_wall / first_wall
 
-    table1 = print_table(f"Pipeline on the default corpus ({first['documents']['rows']} documents, "
-                         f"{len(texts)} chunks), first run", ["stage", "rows", "seconds", "rows/s", "2nd run cached"],
-                         stage_rows)
-    table2 = print_table("Targets", ["measure", "value", "target", "met"], [
-        ["embedding stage / plain encode (median chunks/s)", f"{median(ours):.1f} / {median(plain):.1f} = "
-         f"{ratio:.2f}x", ">= 0.9x", ratio >= 0.9],
-        ["second run (nothing changed) / first run, wall", f"{second_wall:.1f}s / {first_wall:.1f}s = "
-         f"{cached_fraction:.1%}", "< 10%", cached_fraction < 0.10],
-        ["texts embedded in the second run", second["embeddings"].get("texts_encoded", 0), "0",
-         second["embeddings"].get("texts_encoded", 0) == 0],
-    ])
-    write_results("pipeline", {
-        "documents": first["documents"]["rows"], "chunks": len(texts), "stages": first, "second_run": second,
-        "first_wall_s": first_wall, "second_wall_s": second_wall, "cached_fraction": cached_fraction,
-        "embedding_stage_rate": ours, "plain_encode_rate": plain, "ratio_median": ratio,
-        "table": table1 + "\n" + table2,
-    })
+    table1 = print_table(
+        f"Pipeline on the default corpus ({first['documents']['rows']} documents, {len(texts)} chunks), first run",
+        ["stage", "rows", "seconds", "rows/s", "2nd run cached"],
+        stage_rows,
+    )
+    table2 = print_table(
+        "Targets",
+        ["measure", "value", "target", "met"],
+        [
+            [
+                "embedding stage / plain encode (median chunks/s)",
+                f"{median(ours):.1f} / {median(plain):.1f} = {ratio:.2f}x",
+                ">= 0.9x",
+                ratio >= 0.9,
+            ],
+            [
+                "second run (nothing changed) / first run, wall",
+                f"{second_wall:.1f}s / {first_wall:.1f}s = {cached_fraction:.1%}",
+                "< 10%",
+                cached_fraction < 0.10,
+            ],
+            [
+                "texts embedded in the second run",
+                second["embeddings"].get("texts_encoded", 0),
+                "0",
+                second["embeddings"].get("texts_encoded", 0) == 0,
+            ],
+        ],
+    )
+    write_results(
+        "pipeline",
+        {
+            "documents": first["documents"]["rows"],
+            "chunks": len(texts),
+            "stages": first,
+            "second_run": second,
+            "first_wall_s": first_wall,
+            "second_wall_s": second_wall,
+            "cached_fraction": cached_fraction,
+            "embedding_stage_rate": ours,
+            "plain_encode_rate": plain,
+            "ratio_median": ratio,
+            "table": table1 + "\n" + table2,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ class ModelPool(ConfigurableResource):
         return self.state().dimension
 
     def tokenizer(self) -> Any:
-        """The model's own tokenizer; cheap, without loading the weights."""
+        """The model's own tokenizer, loaded alone (no weights) and cached per process (preloaded too)."""
         return _tokenizer(self.model_path)
 
     # -- instances -------------------------------------------------------------------------------
@@ -314,6 +314,9 @@ class ModelPool(ConfigurableResource):
                         convert_to_numpy=True, show_progress_bar=False)
                     if vectors.shape != (len(texts), state.dimension) or not np.isfinite(vectors).all():
                         raise ModelPoolError(f"instance {instance.slot} returned non-finite or misshapen vectors")
+                    elapsed = time.perf_counter() - started
+                    # The instance's own tokenizer, while this worker holds the instance: thread-safe.
+                    tokens = _count_tokens(instance.model.tokenizer, texts, state.max_seq_length)
                 except Exception as exc:  # noqa: BLE001 - the instance is marked and healed on next acquire
                     instance.healthy = False
                     instance.failures += 1
@@ -322,8 +325,6 @@ class ModelPool(ConfigurableResource):
                     last = exc
                     get_dagster_logger().warning(f"model instance {instance.slot} failed: {exc}; will reload")
                     continue
-                elapsed = time.perf_counter() - started
-            tokens = self._count_tokens(texts)
             with state.lock:
                 m = state.metrics
                 m.texts += len(texts)
@@ -332,11 +333,6 @@ class ModelPool(ConfigurableResource):
                 m.encode_seconds += elapsed
             return np.ascontiguousarray(vectors, dtype=np.float32)
         raise ModelPoolError(f"encoding failed after {self.max_reload_attempts + 1} attempts: {last}") from last
-
-    def _count_tokens(self, texts: list[str]) -> int:
-        limit = self.state().max_seq_length
-        encoded = self.tokenizer()(texts, add_special_tokens=True, truncation=True, max_length=limit)
-        return sum(len(ids) for ids in encoded["input_ids"])
 
     def metrics(self) -> PoolMetrics:
         state = self.state()
@@ -359,6 +355,11 @@ class ModelPool(ConfigurableResource):
             "model_instances": self.instances,
             "model_device": self.device,
         }
+
+
+def _count_tokens(tokenizer: Any, texts: list[str], limit: int) -> int:
+    encoded = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit)
+    return sum(len(ids) for ids in encoded["input_ids"])
 
 
 def metrics_metadata(delta: PoolMetrics) -> dict[str, float | int]:

@@ -25,14 +25,30 @@ def test_cli_materialize_run_and_search(quiver_home: Path, tmp_path: Path) -> No
     added = _run([str(BIN / "quiver"), "source", "add", "small", str(source)], quiver_home)
     assert added.stdout.strip() == f"added source 'small': jsonl at {source}"
 
-    _run([str(BIN / "dagster"), "asset", "materialize", "-m", "platform_defs",
-          "--select", "documents,chunks,embeddings", "--partition", "small"], quiver_home)
+    extra = write_jsonl(tmp_path / "extra.jsonl", scifact_docs(8, start=30))
+    _run([str(BIN / "quiver"), "source", "add", "extra", str(extra)], quiver_home)
 
-    run = _run([str(BIN / "quiver"), "run", "--source", "small"], quiver_home)
+    # A backfill over both sources as one run (single-run backfill policy): one model load for all.
+    _run([str(BIN / "dagster"), "asset", "materialize", "-m", "platform_defs",
+          "--select", "documents,chunks,embeddings", "--partition-range", "small...extra"], quiver_home)
+    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        def latest(partition: str):  # noqa: ANN202
+            records = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=AssetKey("embeddings"), asset_partitions=[partition]), limit=1).records
+            return records[0].event_log_entry
+
+        assert latest("small").run_id == latest("extra").run_id
+        meta = {k: v.value for k, v in latest("extra").asset_materialization.metadata.items()}
+        assert set(meta["partitions"]) == {"small", "extra"}
+        assert meta["model_loads_in_step_process"] == 0 and meta["model_inherited"] is True
+
+    run = _run([str(BIN / "quiver"), "run"], quiver_home)
     assert "Quiver is ready." in run.stdout
     assert "quiver search" in run.stdout
     listed = _run([str(BIN / "quiver"), "source", "list"], quiver_home)
-    assert listed.stdout.strip() == f"small\tjsonl\t{source}"
+    assert listed.stdout.strip().splitlines() == [f"extra\tjsonl\t{extra}", f"small\tjsonl\t{source}"]
 
     query = docs[7]["title"]
     results = {}
@@ -48,6 +64,8 @@ def test_cli_materialize_run_and_search(quiver_home: Path, tmp_path: Path) -> No
     assert [r["rank"] for r in results["faiss"]] == [1, 2, 3, 4, 5]
     assert top["snippet"] and top["snippet"] in " ".join(docs[7]["text"].split())
 
+    assert {r["source"] for r in results["faiss"]} <= {"small", "extra"}
+
     plain = _run([str(BIN / "quiver"), "search", query, "-k", "2"], quiver_home)
     first_line = plain.stdout.splitlines()[0]
     assert first_line.startswith(" 1. ") and docs[7]["id"] in first_line and "[small]" in first_line
@@ -59,3 +77,12 @@ def test_cli_reports_unknown_source(quiver_home: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown source 'nope': add it with `quiver source add nope PATH`" in proc.stderr
+
+
+def test_workspace_loads_every_asset(quiver_home: Path) -> None:
+    proc = _run([str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"], quiver_home)
+    assert "Validation successful" in proc.stdout + proc.stderr
+    from platform_defs import defs
+
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == {"documents", "chunks", "embeddings", "faiss_index", "milvus_collection"}

@@ -28,6 +28,9 @@ def test_one_load_per_process_across_assets_batches_and_threads(
         meta = metadata(result, "embeddings")
         assert meta["encode_batches"] >= 3
         assert meta["model_inherited"] is False
+        assert meta["tokens_encoded"] > meta["texts_encoded"] == meta["rows"]
+        assert meta["texts_per_second"] > 0 and meta["tokens_per_second"] > meta["texts_per_second"]
+        assert meta["instance_wait_seconds"] >= 0
     # Another resource object with the same configuration shares the same weights.
     twin = ModelPool()
     assert twin.state() is pool.state()
