@@ -62,23 +62,48 @@ def naive_vs_pool(tasks: int) -> dict[str, float]:
 
 
 class PssSampler:
-    """Samples the summed PSS of the step processes under this process until stopped."""
+    """Samples the summed PSS of the step processes of one run (under `root`) until stopped."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, root: psutil.Process) -> None:
         self.mode = mode
+        self.root = root
         self.peak_sum = 0
         self.peak_single = 0
         self.steps_seen: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _step_processes(self) -> list[psutil.Process]:
-        return []  # replaced by _scoped() for each run
+    def step_processes(self) -> list[psutil.Process]:
+        """spawn: the spawn_main children. forkserver: the children of the run's forkserver itself
+        (not the forkserver, and not the helpers a step starts)."""
+        try:
+            children = self.root.children(recursive=True)
+        except psutil.Error:
+            return []
+        found = []
+        servers = set()
+        for proc in children:
+            try:
+                if FORKSERVER_MAIN in " ".join(proc.cmdline()) and proc.ppid() == self.root.pid:
+                    servers.add(proc.pid)
+            except psutil.Error:
+                continue
+        for child in children:
+            try:
+                cmd = " ".join(child.cmdline())
+                parent_pid = child.ppid()
+            except psutil.Error:
+                continue
+            if "resource_tracker" in cmd:
+                continue
+            if (self.mode == "spawn" and "spawn_main" in cmd) or (self.mode == "forkserver" and parent_pid in servers):
+                found.append(child)
+        return found
 
     def _run(self) -> None:
         while not self._stop.is_set():
             total = 0
-            for proc in self._step_processes():
+            for proc in self.step_processes():
                 try:
                     pss = proc.memory_full_info().pss
                 except psutil.Error:
@@ -120,10 +145,7 @@ def concurrent_steps(mode: str, texts_file: Path) -> dict[str, Any]:
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    sampler = PssSampler(mode)
-    sampler_target = psutil.Process(proc.pid)
-    sampler._step_processes = _scoped(sampler, sampler_target)  # type: ignore[method-assign]
-    with sampler:
+    with PssSampler(mode, psutil.Process(proc.pid)) as sampler:
         out, err = proc.communicate(timeout=900)
     wall = time.perf_counter() - started
     if proc.returncode != 0 or not out.strip():
@@ -133,38 +155,6 @@ def concurrent_steps(mode: str, texts_file: Path) -> dict[str, Any]:
     return {"wall_s": wall, "run_s": result["wall_s"], "pss_sum_mb": sampler.peak_sum / 2**20,
             "pss_single_mb": sampler.peak_single / 2**20, "steps": len(sampler.steps_seen),
             "step_reports": result["steps"]}
-
-
-def _scoped(sampler: PssSampler, root: psutil.Process):  # noqa: ANN202
-    def step_processes() -> list[psutil.Process]:
-        found = []
-        try:
-            children = root.children(recursive=True)
-        except psutil.Error:
-            return found
-        servers = set()  # forkservers: started by the orchestrator, not forked by another forkserver
-        for proc in children:
-            try:
-                if FORKSERVER_MAIN in " ".join(proc.cmdline()) and proc.ppid() == root.pid:
-                    servers.add(proc.pid)
-            except psutil.Error:
-                continue
-        for child in children:
-            try:
-                cmd = " ".join(child.cmdline())
-                parent = child.parent()
-                parent_cmd = " ".join(parent.cmdline()) if parent else ""
-            except psutil.Error:
-                continue
-            if "resource_tracker" in cmd:
-                continue
-            if sampler.mode == "spawn" and "spawn_main" in cmd:
-                found.append(child)
-            elif sampler.mode == "forkserver" and FORKSERVER_MAIN in parent_cmd and parent.pid in servers:
-                found.append(child)  # forked by the forkserver: a step (the forkserver itself is not)
-        return found
-
-    return step_processes
 
 
 def one_percent_change(home: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pydantic import Field
 from upath import UPath
 
 from quiver.settings import default_storage_root
+from resources.fileref import atomic_replace
 
 ENTRY_MAGIC = b"QVE1"
 SEGMENT_MAGIC = b"QVSEG001"
@@ -200,9 +201,7 @@ class SegmentStore:
             fh.write(payload)
             for entry in entries:
                 fh.write(entry)
-        from resources.fileref import _atomic_replace
-
-        _atomic_replace(tmp, self.directory / name)
+        atomic_replace(tmp, self.directory / name)
         with self._lock:
             base = len(payload)
             self._known.add(name)

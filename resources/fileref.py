@@ -87,7 +87,7 @@ class _HashingSink:
         return self.size
 
 
-def _atomic_replace(tmp: UPath, final: UPath) -> None:
+def atomic_replace(tmp: UPath, final: UPath) -> None:
     if tmp.protocol in ("", "file", "local"):
         os.replace(tmp.path, final.path)
     else:  # object stores: a single put is atomic; rename is copy + delete
@@ -102,7 +102,7 @@ def write_text_atomic(path: UPath, text: str) -> None:
         fh.flush()
         if hasattr(fh, "fileno"):
             os.fsync(fh.fileno())
-    _atomic_replace(tmp, path)
+    atomic_replace(tmp, path)
 
 
 def file_sha256(path: UPath) -> str:
@@ -140,7 +140,7 @@ class ParquetFileWriter:
         self._handle.close()
         sha = self._sink.digest.hexdigest()
         final = self.directory / f"{sha[:24]}.parquet"
-        _atomic_replace(self._tmp, final)
+        atomic_replace(self._tmp, final)
         self.ref = FileRef(str(final), sha, self.rows, self._sink.size, self.schema.to_string(
             show_field_metadata=False, show_schema_metadata=False))
         return self.ref

@@ -26,7 +26,7 @@ from upath import UPath
 from quiver.errors import ConfigError, QuiverError
 from quiver.settings import default_milvus_uri, default_storage_root
 from quiver.vector_index import IndexSettings, build_index, search_index
-from resources.fileref import _atomic_replace, write_text_atomic
+from resources.fileref import atomic_replace, write_text_atomic
 
 SNIPPET_CHARS = 2000
 CURRENT_POINTER = "CURRENT"
@@ -140,7 +140,7 @@ class FaissStore(ConfigurableResource):
             (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
             if final.exists():
                 self._remove(final)
-            _atomic_replace(tmp, final)
+            atomic_replace(tmp, final)
         except BaseException:
             self._remove(tmp)
             raise
