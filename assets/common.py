@@ -21,7 +21,7 @@ from dagster import (
     Output,
 )
 
-from quiver.codeversion import code_version
+from quiver.codeversion import stage_version
 from quiver.hashing import sha256_json
 from resources.fileref import FileRef
 
@@ -36,8 +36,19 @@ single_run_backfill = BackfillPolicy.single_run()
 MEMORY_TAG = "quiver/memory"
 
 
+# Which stage reads which: a stage's code version includes its upstream stages' versions, so the UI
+# marks a stage and everything downstream of it stale when its code changes.
+STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
+    "assets.documents": (),
+    "assets.chunks": ("assets.documents",),
+    "assets.embeddings": ("assets.chunks",),
+    "assets.faiss_index": ("assets.embeddings",),
+    "assets.milvus_collection": ("assets.embeddings",),
+}
+
+
 def stage_code_version(module: str) -> str:
-    return code_version(module)
+    return stage_version(module, STAGE_UPSTREAM)
 
 
 def partitions_in_run(context: AssetExecutionContext) -> list[str]:

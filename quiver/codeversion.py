@@ -1,11 +1,14 @@
 """Code versions from source hashes: a stage's version changes exactly when its code does.
 
 A stage module's version hashes its own source and, transitively, the project modules it imports
-(read with ast, never imported), so editing the chunker changes only the chunks stage's version.
+(read with ast, never imported), and the versions of the stages upstream of it: what a stage outputs
+depends on the code that made its input. Editing the chunker therefore changes the versions of chunks
+and of everything downstream of it, and of nothing else.
 """
 
 import ast
 import hashlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from quiver.settings import PROJECT_ROOT
@@ -68,4 +71,12 @@ def code_version(module: str, root: Path = PROJECT_ROOT) -> str:
         file = module_file(name, root)
         assert file is not None
         digest.update(name.encode() + b"\x00" + file.read_bytes() + b"\x00")
+    return digest.hexdigest()[:16]
+
+
+def stage_version(module: str, upstream: Mapping[str, Sequence[str]], root: Path = PROJECT_ROOT) -> str:
+    """A stage's own code version combined with those of the stages it reads from, recursively."""
+    digest = hashlib.sha256(code_version(module, root).encode())
+    for parent in sorted(upstream.get(module, ())):
+        digest.update(b"\x00" + stage_version(parent, upstream, root).encode())
     return digest.hexdigest()[:16]

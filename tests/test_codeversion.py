@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from quiver.codeversion import code_version, module_dependencies
+from assets.common import STAGE_UPSTREAM, stage_code_version
+from quiver.codeversion import module_dependencies, stage_version
 from tests.conftest import PROJECT
 
 STAGES = ["assets.documents", "assets.chunks", "assets.embeddings", "assets.faiss_index", "assets.milvus_collection"]
@@ -19,7 +20,7 @@ def project_copy(tmp_path: Path) -> Path:
 
 
 def _versions(root: Path) -> dict[str, str]:
-    return {stage: code_version(stage, root) for stage in STAGES}
+    return {stage: stage_version(stage, STAGE_UPSTREAM, root) for stage in STAGES}
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -34,7 +35,7 @@ def test_assets_carry_their_computed_code_version() -> None:
     graph = defs.resolve_asset_graph()
     for stage in STAGES:
         key = stage.split(".")[1]
-        assert graph.get(__import__("dagster").AssetKey(key)).code_version == code_version(stage)
+        assert graph.get(__import__("dagster").AssetKey(key)).code_version == stage_code_version(stage)
 
 
 def test_dependencies_are_the_logic_modules_imported() -> None:
@@ -44,20 +45,28 @@ def test_dependencies_are_the_logic_modules_imported() -> None:
     assert "quiver.chunking" not in module_dependencies("assets.embeddings")
 
 
-def test_editing_the_chunker_changes_only_chunks(project_copy: Path) -> None:
+DOWNSTREAM_OF_CHUNKS = {"assets.chunks", "assets.embeddings", "assets.faiss_index", "assets.milvus_collection"}
+
+
+def test_editing_the_chunker_changes_chunks_and_downstream_only(project_copy: Path) -> None:
     before = _versions(project_copy)
     assert _versions(project_copy) == before  # deterministic
     _edit(project_copy / "quiver" / "chunking.py", "overlap_tokens: int = 32", "overlap_tokens: int = 48")
     after = _versions(project_copy)
-    assert {s for s in STAGES if after[s] != before[s]} == {"assets.chunks"}
+    assert {s for s in STAGES if after[s] != before[s]} == DOWNSTREAM_OF_CHUNKS
 
 
-def test_editing_a_stage_module_changes_only_that_stage(project_copy: Path) -> None:
+def test_editing_a_stage_module_changes_that_stage_and_downstream_only(project_copy: Path) -> None:
     before = _versions(project_copy)
     _edit(project_copy / "assets" / "embeddings.py", "texts_per_batch: int = Field(default=2048",
           "texts_per_batch: int = Field(default=1024")
     after = _versions(project_copy)
-    assert {s for s in STAGES if after[s] != before[s]} == {"assets.embeddings"}
+    assert {s for s in STAGES if after[s] != before[s]} == {"assets.embeddings", "assets.faiss_index",
+                                                           "assets.milvus_collection"}
+    _edit(project_copy / "assets" / "faiss_index.py", "class FaissIndexConfig(Config):",
+          "class FaissIndexConfig(Config):  # edited")
+    again = _versions(project_copy)
+    assert {s for s in STAGES if again[s] != after[s]} == {"assets.faiss_index"}
 
 
 def test_shared_hashing_change_changes_every_stage_that_uses_it(project_copy: Path) -> None:
