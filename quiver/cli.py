@@ -38,16 +38,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     known = set(instance.get_dynamic_partitions("sources"))
     instance.add_dynamic_partitions("sources", [n for n in names if n not in known])
 
+    # INFO keeps the console to what a user wants to follow (progress, results); the UI has everything.
+    run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
     failed: list[str] = []
     for name in names:
         print(f"==> ingesting source {name!r} (documents -> chunks -> embeddings)", flush=True)
         result = execute_job(reconstructable(get_ingest_job), instance=instance,
-                             tags={"dagster/partition": name})
+                             tags={"dagster/partition": name}, run_config=run_config)
         if not result.success:
             failed.append(name)
             print(f"!! source {name!r} failed: {_failure_message(result)}", file=sys.stderr)
     print("==> updating the FAISS index and the Milvus collection", flush=True)
-    result = execute_job(reconstructable(get_index_job), instance=instance)
+    result = execute_job(reconstructable(get_index_job), instance=instance, run_config=run_config)
     if not result.success:
         print(f"!! indexing failed: {_failure_message(result)}", file=sys.stderr)
         return 1
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="materialize every source and the indexes (the main job)")
     run.add_argument("--source", action="append", help="only this source (repeatable); default: all")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="console log level of the Dagster runs (default INFO)")
     run.set_defaults(func=cmd_run)
 
     source = sub.add_parser("source", help="add, list or remove sources (partitions)")

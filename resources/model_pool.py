@@ -77,6 +77,7 @@ def load_sentence_transformer(path: str, max_seq_length: int | None) -> Any:
     from sentence_transformers import SentenceTransformer
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # our own progress reporting covers loading
     model = SentenceTransformer(path, device="cpu")
     if max_seq_length:
         model.max_seq_length = max_seq_length

@@ -5,6 +5,7 @@ document id, title and text beside it so that a search can print results without
 """
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -223,6 +224,12 @@ class MilvusStore(ConfigurableResource):
     def _connect(self) -> Any:
         from pymilvus import MilvusClient
         from pymilvus.exceptions import MilvusException
+
+        # Milvus Lite answers the query iterator's timestamp probe with "not implemented"; pymilvus then
+        # logs a warning and the embedded gRPC server an error, though the iterator works. (Set after the
+        # import: pymilvus configures its loggers when imported.)
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+        logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 
         kwargs: dict[str, Any] = {"uri": self.uri}
         if self.token:
