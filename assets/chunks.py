@@ -5,17 +5,15 @@ from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
-from dagster import AssetExecutionContext, Config, Output, asset
+from dagster import AssetExecutionContext, Config, Output
 from pydantic import Field
 
 from assets.common import (
-    MEMORY_TAG,
     PartitionResult,
     partitioned_output,
     partitions_in_run,
     refs_by_partition,
-    single_run_backfill,
-    sources_partitions,
+    source_stage,
     stage_cache_key,
     stage_code_version,
 )
@@ -80,15 +78,11 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
     })
 
 
-@asset(
-    partitions_def=sources_partitions,
-    backfill_policy=single_run_backfill,
-    code_version=CODE_VERSION,
-    io_manager_key="fileref_io_manager",
-    group_name="ingest",
+@source_stage(
+    memory_class="light",
     kinds={"parquet"},
-    op_tags={MEMORY_TAG: "light"},
     description="Token-aware chunks with stable ids (document id + position) and per-chunk hashes.",
+    code_version=CODE_VERSION,
 )
 def chunks(
     context: AssetExecutionContext, config: ChunksConfig, documents: Any, store: FileStore, model_pool: ModelPool,

@@ -13,12 +13,14 @@ from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetsDefinition,
     BackfillPolicy,
     BetaWarning,
     DataVersion,
     DynamicPartitionsDefinition,
     MetadataValue,
     Output,
+    asset,
 )
 
 from quiver.codeversion import stage_version
@@ -49,6 +51,24 @@ STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
 
 def stage_code_version(module: str) -> str:
     return stage_version(module, STAGE_UPSTREAM)
+
+
+def source_stage(*, memory_class: str, kinds: set[str], description: str, code_version: str):  # noqa: ANN201
+    """@asset for a document-level stage: partitioned by source, single-run backfills, FileRef outputs."""
+
+    def decorate(fn) -> AssetsDefinition:  # noqa: ANN001
+        return asset(
+            partitions_def=sources_partitions,
+            backfill_policy=single_run_backfill,
+            code_version=code_version,
+            io_manager_key="fileref_io_manager",
+            group_name="ingest",
+            kinds=kinds,
+            op_tags={MEMORY_TAG: memory_class},
+            description=description,
+        )(fn)
+
+    return decorate
 
 
 def partitions_in_run(context: AssetExecutionContext) -> list[str]:

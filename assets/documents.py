@@ -5,16 +5,14 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import pyarrow as pa
-from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output
 from pydantic import Field
 
 from assets.common import (
-    MEMORY_TAG,
     PartitionResult,
     partitioned_output,
     partitions_in_run,
-    single_run_backfill,
-    sources_partitions,
+    source_stage,
     stage_cache_key,
     stage_code_version,
 )
@@ -91,15 +89,11 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
     })
 
 
-@asset(
-    partitions_def=sources_partitions,
-    backfill_policy=single_run_backfill,
-    code_version=CODE_VERSION,
-    io_manager_key="fileref_io_manager",
-    group_name="ingest",
+@source_stage(
+    memory_class="io",
     kinds={"parquet"},
-    op_tags={MEMORY_TAG: "io"},
     description="Normalized documents of one source, each with a sha256 of its title and text.",
+    code_version=CODE_VERSION,
 )
 def documents(
     context: AssetExecutionContext, config: DocumentsConfig, store: FileStore, sources: SourceRegistry,

@@ -6,18 +6,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from dagster import AssetExecutionContext, Config, Output, asset
+from dagster import AssetExecutionContext, Config, Output
 from pydantic import Field
 from tqdm import tqdm
 
 from assets.common import (
-    MEMORY_TAG,
     PartitionResult,
     partitioned_output,
     partitions_in_run,
     refs_by_partition,
-    single_run_backfill,
-    sources_partitions,
+    source_stage,
     stage_cache_key,
     stage_code_version,
 )
@@ -99,15 +97,11 @@ def embed_partition(context: AssetExecutionContext, partition: str, chunks: File
     return PartitionResult(writer.ref, False, key, {"chunks": chunks.rows})
 
 
-@asset(
-    partitions_def=sources_partitions,
-    backfill_policy=single_run_backfill,
-    code_version=CODE_VERSION,
-    io_manager_key="fileref_io_manager",
-    group_name="ingest",
+@source_stage(
+    memory_class="model",
     kinds={"parquet", "pytorch"},
-    op_tags={MEMORY_TAG: "model"},
     description="One L2-normalized float32 vector per chunk, with its deterministic vector id.",
+    code_version=CODE_VERSION,
 )
 def embeddings(
     context: AssetExecutionContext, config: EmbeddingsConfig, chunks: Any, store: FileStore,

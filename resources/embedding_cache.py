@@ -214,6 +214,27 @@ _SEGMENTS: dict[tuple[str, int], SegmentStore] = {}
 _SEGMENTS_LOCK = threading.Lock()
 
 
+def _check_level(
+    level: str, pending: list[int], raws: Sequence[bytes | None], text_shas: Sequence[bytes], dimension: int,
+    found: dict[int, np.ndarray], stats: CacheStats,
+) -> tuple[list[int], list[int], list[int]]:
+    """Verify one level's raw entries for the pending positions: (still missing, hits, discarded)."""
+    still, hits, bad = [], [], []
+    for i, raw in zip(pending, raws, strict=True):
+        vector = unpack_entry(raw, text_shas[i], dimension) if raw is not None else None
+        if vector is not None:
+            found[i] = vector
+            stats.hits[level] += 1
+            hits.append(i)
+            continue
+        if raw is not None:
+            stats.discarded[level] += 1
+            bad.append(i)
+        stats.misses[level] += 1
+        still.append(i)
+    return still, hits, bad
+
+
 class EmbeddingCache(ConfigurableResource):
     """Where vectors already computed for the exact same text and model are found again."""
 
@@ -248,59 +269,23 @@ class EmbeddingCache(ConfigurableResource):
         lru = l1_for(self.l1_max_bytes) if self.l1_enabled else None
 
         if lru is not None:
-            still = []
-            for i in pending:
-                raw = lru.get((fingerprint, text_shas[i]))
-                vector = unpack_entry(raw, text_shas[i], dimension) if raw is not None else None
-                if vector is not None:
-                    found[i] = vector
-                    stats.hits["l1"] += 1
-                else:
-                    if raw is not None:
-                        stats.discarded["l1"] += 1
-                        lru.discard((fingerprint, text_shas[i]))
-                    stats.misses["l1"] += 1
-                    still.append(i)
-            pending = still
+            raws = [lru.get((fingerprint, text_shas[i])) for i in pending]
+            pending, _, bad = _check_level("l1", pending, raws, text_shas, dimension, found, stats)
+            for i in bad:
+                lru.discard((fingerprint, text_shas[i]))
 
         l2_hits: list[int] = []
         if self.l2_enabled and pending:
-            values = self._redis().mget([self._redis_key(fingerprint, text_shas[i]) for i in pending])
-            still = []
-            corrupt = []
-            for i, raw in zip(pending, values, strict=True):
-                vector = unpack_entry(raw, text_shas[i], dimension) if raw is not None else None
-                if vector is not None:
-                    found[i] = vector
-                    stats.hits["l2"] += 1
-                    l2_hits.append(i)
-                else:
-                    if raw is not None:
-                        stats.discarded["l2"] += 1
-                        corrupt.append(self._redis_key(fingerprint, text_shas[i]))
-                    stats.misses["l2"] += 1
-                    still.append(i)
-            if corrupt:
-                self._redis().delete(*corrupt)
-            pending = still
+            raws = self._redis().mget([self._redis_key(fingerprint, text_shas[i]) for i in pending])
+            pending, l2_hits, bad = _check_level("l2", pending, raws, text_shas, dimension, found, stats)
+            if bad:
+                self._redis().delete(*(self._redis_key(fingerprint, text_shas[i]) for i in bad))
 
         l3_hits: list[int] = []
         if self.l3_enabled and pending:
-            raw_found = self._segments(fingerprint, dimension).get_many([text_shas[i] for i in pending])
-            still = []
-            for j, i in enumerate(pending):
-                raw = raw_found.get(j)
-                vector = unpack_entry(raw, text_shas[i], dimension) if raw is not None else None
-                if vector is not None:
-                    found[i] = vector
-                    stats.hits["l3"] += 1
-                    l3_hits.append(i)
-                else:
-                    if raw is not None:
-                        stats.discarded["l3"] += 1
-                    stats.misses["l3"] += 1
-                    still.append(i)
-            pending = still
+            by_position = self._segments(fingerprint, dimension).get_many([text_shas[i] for i in pending])
+            raws = [by_position.get(j) for j in range(len(pending))]
+            pending, l3_hits, _ = _check_level("l3", pending, raws, text_shas, dimension, found, stats)
 
         # Fill the levels above the one that hit.
         if lru is not None:
