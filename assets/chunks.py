@@ -70,7 +70,7 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
             tokens += sum(c.n_tokens for c in produced)
             writer.write_batch(chunks_to_batch(produced))
     assert writer.ref is not None
-    store.cache_put(["chunks"], partition, key, {"fileref": writer.ref.as_dict()})
+    store.remember_fileref(["chunks"], partition, key, writer.ref)
     context.log.info(f"chunks[{partition}]: {documents.rows} documents -> {writer.ref.rows} chunks")
     return PartitionResult(writer.ref, False, key, {
         "documents": documents.rows, "chunks": writer.ref.rows, "tokens": tokens,

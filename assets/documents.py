@@ -80,7 +80,7 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
         raise Failure(description=f"bad input in source {partition!r}: {exc}",
                       metadata={"location": exc.location, "problem": exc.problem}) from exc
     assert writer.ref is not None
-    store.cache_put(["documents"], partition, key, {"fileref": writer.ref.as_dict()})
+    store.remember_fileref(["documents"], partition, key, writer.ref)
     context.log.info(f"documents[{partition}]: {writer.ref.rows} documents from {spec.kind} source {spec.path}")
     return PartitionResult(writer.ref, False, key, {
         "source": spec.path, "source_kind": spec.kind, "documents": writer.ref.rows,

@@ -93,7 +93,7 @@ def embed_partition(context: AssetExecutionContext, partition: str, chunks: File
             context.log.info(f"embeddings[{partition}]: {done}/{chunks.rows} chunks")
     progress.close()
     assert writer.ref is not None
-    store.cache_put(["embeddings"], partition, key, {"fileref": writer.ref.as_dict()})
+    store.remember_fileref(["embeddings"], partition, key, writer.ref)
     return PartitionResult(writer.ref, False, key, {"chunks": chunks.rows})
 
 

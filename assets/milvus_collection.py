@@ -28,17 +28,24 @@ class MilvusCollectionConfig(Config):
 
 
 def sync_collection(milvus: MilvusStore, store: FileStore, embeddings: Mapping[str, FileRef],
-                    dimension: int) -> dict[str, int]:
-    """Upsert new or changed vectors, delete vectors of chunks that no longer exist, leave the rest."""
+                    dimension: int) -> tuple[dict[str, int], str]:
+    """Upsert new or changed vectors, delete vectors of chunks that no longer exist, leave the rest.
+
+    Returns the counts and the content hash of what the collection now holds, from the same single read.
+    """
     milvus.ensure_collection(dimension)
     existing = milvus.existing_keys()
     desired: set[int] = set()
+    all_ids: list[int] = []
+    all_keys: list[str] = []
     pending = []
     upserted = 0
     for batch in iter_embedding_batches(store, embeddings):
         ids = batch.column("vector_id").to_pylist()
         keys = batch.column("vector_key").to_pylist()
         desired.update(ids)
+        all_ids.extend(ids)
+        all_keys.extend(keys)
         changed = [i for i, (vid, k) in enumerate(zip(ids, keys, strict=True)) if existing.get(vid) != k]
         if changed:
             pending.extend(rows_for_milvus(batch.take(changed)))
@@ -48,8 +55,9 @@ def sync_collection(milvus: MilvusStore, store: FileStore, embeddings: Mapping[s
     upserted += milvus.upsert_rows(pending)
     stale = [vid for vid in existing if vid not in desired]
     deleted = milvus.delete_ids(stale)
-    return {"upserted": upserted, "deleted": deleted, "unchanged": len(desired) - upserted,
-            "vectors": len(desired)}
+    counts = {"upserted": upserted, "deleted": deleted, "unchanged": len(desired) - upserted,
+              "vectors": len(desired)}
+    return counts, content_hash(np.asarray(all_ids, dtype=np.int64), all_keys)
 
 
 @asset(
@@ -75,15 +83,8 @@ def milvus_collection(
         context.log.info(f"milvus_collection: cache hit {key}, {expected} vectors already in place")
         return MaterializeResult(data_version=DataVersion(cached["content_hash"]),
                                  metadata={"cache_hit": True, "cache_key": key, "vectors": expected})
-    ids: list[int] = []
-    keys: list[str] = []
-    for _, ref in sorted(embeddings.items()):
-        for batch in store.iter_batches(ref, 65536, columns=["vector_id", "vector_key"]):
-            ids.extend(batch.column("vector_id").to_pylist())
-            keys.extend(batch.column("vector_key").to_pylist())
-    digest = content_hash(np.asarray(ids, dtype=np.int64), keys)
     dimension = embedding_dimension(store, embeddings) or model_pool.dimension()
-    counts = sync_collection(milvus, store, embeddings, dimension)
+    counts, digest = sync_collection(milvus, store, embeddings, dimension)
     total = milvus.count()
     store.cache_put(asset_path, None, key, {"content_hash": digest, "vectors": total})
     context.log.info(f"milvus_collection: {counts} -> {total} vectors in {milvus.collection!r}")

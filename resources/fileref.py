@@ -253,6 +253,10 @@ class FileStore(ConfigurableResource):
     def cache_put(self, asset: Iterable[str], partition: str | None, key: str, payload: dict[str, Any]) -> None:
         write_text_atomic(self._cache_path(asset, partition, key), json.dumps(payload, sort_keys=True))
 
+    def remember_fileref(self, asset: Iterable[str], partition: str | None, key: str, ref: FileRef) -> None:
+        """Record ref as the output for key; `cached_fileref` finds it again."""
+        self.cache_put(asset, partition, key, {"fileref": ref.as_dict()})
+
     def cached_fileref(self, asset: Iterable[str], partition: str | None, key: str) -> FileRef | None:
         """The cached output for a key if its file is still there, unchanged; else None."""
         payload = self.cache_get(asset, partition, key)
