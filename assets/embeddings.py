@@ -1,14 +1,11 @@
-"""Stage 3: encode chunk texts with the shared model pool, through the embedding cache."""
+"""Stage 3: encode chunk texts with the shared model pool, through the embedding cache, and put each
+source's vectors into Milvus as they are made (the embed-and-insert pipeline, assets/embed_pipeline.py)."""
 
-import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-import pyarrow as pa
 from dagster import AssetExecutionContext, Config, Output
 from pydantic import Field
-from tqdm import tqdm
 
 from assets.common import (
     PartitionResult,
@@ -19,59 +16,45 @@ from assets.common import (
     stage_cache_key,
     stage_code_version,
 )
-from quiver.hashing import sha256_text, vector_id
-from resources.embedding_cache import CacheStats, EmbeddingCache, encode_with_cache
+from assets.embed_pipeline import (
+    CHUNK_COLUMNS,
+    PartitionVectors,
+    PipelineSettings,
+    embed_partition_vectors,
+    embeddings_schema,
+)
+from resources.embedding_cache import CacheStats, EmbeddingCache
 from resources.fileref import FileRef, FileStore
 from resources.model_pool import ModelPool, metrics_metadata
+from resources.vector_stores import MilvusStore
 
 CODE_VERSION = stage_code_version(__name__)
-CHUNK_COLUMNS = ["chunk_id", "doc_id", "title", "text", "chunk_hash"]
-
-
-def embeddings_schema(dimension: int) -> pa.Schema:
-    return pa.schema([
-        ("vector_id", pa.int64()),
-        ("chunk_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("title", pa.string()),
-        ("text", pa.string()),
-        ("chunk_hash", pa.string()),
-        ("vector_key", pa.string()),
-        ("vector", pa.list_(pa.float32(), dimension)),
-    ])
-
-
-def vector_key(model_fingerprint: str, chunk_hash: str) -> str:
-    """Identifies a vector's content: the model and the exact text encoded."""
-    return sha256_text(f"{model_fingerprint}\x00{chunk_hash}")[:32]
-
-
-def embeddings_batch(chunk_batch: pa.RecordBatch, vectors: np.ndarray, source: str, fingerprint: str,
-                     schema: pa.Schema) -> pa.RecordBatch:
-    chunk_ids = chunk_batch.column("chunk_id").to_pylist()
-    hashes = chunk_batch.column("chunk_hash").to_pylist()
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    return pa.RecordBatch.from_arrays([
-        pa.array([vector_id(source, c) for c in chunk_ids], pa.int64()),
-        chunk_batch.column("chunk_id"),
-        chunk_batch.column("doc_id"),
-        pa.array([source] * len(chunk_ids), pa.string()),
-        chunk_batch.column("title"),
-        chunk_batch.column("text"),
-        chunk_batch.column("chunk_hash"),
-        pa.array([vector_key(fingerprint, h) for h in hashes], pa.string()),
-        pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
-    ], schema=schema)
 
 
 class EmbeddingsConfig(Config):
-    texts_per_batch: int = Field(default=2048, description="Chunks read, looked up and encoded per batch.")
+    mode: Literal["async", "sync"] = Field(
+        default="async", description="async: read, tokenize, encode and insert overlap; sync: one batch at a time.")
+    texts_per_batch: int = Field(default=256, ge=1, description="Chunks per pipeline item (read, looked up, "
+                                 "tokenized, encoded and written together).")
+    preprocess_workers: int = Field(default=1, ge=1, description="Threads that look texts up and tokenize them.")
+    embedding_workers: int = Field(default=1, ge=1, description="Threads running forward passes, each on its "
+                                   "own model instance (up to model_pool.instances).")
+    queue_maxsize: int = Field(default=4, ge=1, description="Items waiting between two stages at most: bounds "
+                               "memory, and makes a slow stage hold back the ones before it.")
+    insert_batch_size: int = Field(default=512, ge=1, description="Rows per Milvus upsert request (requests are "
+                                   "also kept under milvus.max_request_bytes).")
+    write_milvus: bool = Field(default=True, description="Upsert this source's vectors into Milvus as they are "
+                               "made; off: only milvus_collection writes Milvus.")
     force: bool = False
+
+    def pipeline(self) -> PipelineSettings:
+        return PipelineSettings(mode=self.mode, preprocess_workers=self.preprocess_workers,
+                                embedding_workers=self.embedding_workers, queue_maxsize=self.queue_maxsize,
+                                insert_batch_size=self.insert_batch_size)
 
 
 def embed_partition(context: AssetExecutionContext, partition: str, chunks: FileRef, config: EmbeddingsConfig,
-                    store: FileStore, model_pool: ModelPool, cache: EmbeddingCache,
+                    store: FileStore, model_pool: ModelPool, cache: EmbeddingCache, milvus: MilvusStore,
                     stats: CacheStats) -> PartitionResult:
     fingerprint = model_pool.fingerprint()
     key = stage_cache_key("embeddings", partition, CODE_VERSION, {"chunks": chunks.sha256},
@@ -80,38 +63,39 @@ def embed_partition(context: AssetExecutionContext, partition: str, chunks: File
     if cached is not None:
         context.log.info(f"embeddings[{partition}]: cache hit {key}, 0 texts encoded")
         return PartitionResult(cached, True, key)
-    schema = embeddings_schema(model_pool.dimension())
-    progress = tqdm(total=chunks.rows, desc=f"embeddings[{partition}]", unit="chunk",
-                    disable=not sys.stderr.isatty(), file=sys.stderr)
-    done = 0
-    with store.parquet_writer(["embeddings"], partition, schema) as writer:
-        for batch in store.iter_batches(chunks, config.texts_per_batch, columns=CHUNK_COLUMNS):
-            vectors = encode_with_cache(model_pool, cache, batch.column("text").to_pylist(), stats)
-            writer.write_batch(embeddings_batch(batch, vectors, partition, fingerprint, schema))
-            done += batch.num_rows
-            progress.update(batch.num_rows)
-            context.log.info(f"embeddings[{partition}]: {done}/{chunks.rows} chunks")
-    progress.close()
+
+    def progress(done: int, so_far: PartitionVectors) -> None:
+        context.log.info(f"embeddings[{partition}]: {done}/{chunks.rows} chunks, "
+                         f"{so_far.upserted} vectors upserted into Milvus")
+
+    with store.parquet_writer(["embeddings"], partition, embeddings_schema(model_pool.dimension())) as writer:
+        result = embed_partition_vectors(
+            store.iter_batches(chunks, config.texts_per_batch, columns=CHUNK_COLUMNS), partition, chunks.rows,
+            pool=model_pool, cache=cache, stats=stats, writer=writer,
+            milvus=milvus if config.write_milvus else None, settings=config.pipeline(), on_progress=progress)
     assert writer.ref is not None
     store.remember_fileref(["embeddings"], partition, key, writer.ref)
-    return PartitionResult(writer.ref, False, key, {"chunks": chunks.rows})
+    context.log.info(f"embeddings[{partition}]: {result.rows} chunks; Milvus: {result.upserted} upserted, "
+                     f"{result.deleted} deleted, {result.unchanged} unchanged ({config.mode})")
+    return PartitionResult(writer.ref, False, key, {"chunks": chunks.rows, **result.as_metadata()})
 
 
 @source_stage(
     memory_class="model",
     kinds={"parquet", "pytorch"},
-    description="One L2-normalized float32 vector per chunk, with its deterministic vector id.",
+    description="One L2-normalized float32 vector per chunk, with its deterministic vector id; each source's "
+                "vectors are upserted into Milvus as they are made.",
     code_version=CODE_VERSION,
 )
 def embeddings(
     context: AssetExecutionContext, config: EmbeddingsConfig, chunks: Any, store: FileStore,
-    model_pool: ModelPool, embedding_cache: EmbeddingCache,
+    model_pool: ModelPool, embedding_cache: EmbeddingCache, milvus: MilvusStore,
 ) -> Output[Any]:
     started = time.perf_counter()
     before = model_pool.metrics()
     stats = CacheStats()
     upstream = refs_by_partition(chunks, partitions_in_run(context))
-    results = {p: embed_partition(context, p, upstream[p], config, store, model_pool, embedding_cache, stats)
+    results = {p: embed_partition(context, p, upstream[p], config, store, model_pool, embedding_cache, milvus, stats)
                for p in partitions_in_run(context)}
     delta = model_pool.metrics().minus(before)
     return partitioned_output(started, results, {

@@ -1,8 +1,21 @@
-"""Stage 4a: one FAISS index over every source's embeddings, written as an atomic new version."""
+"""Stage 4a: one FAISS index over every source's embeddings, each build written as an atomic new version.
+
+A flat or IVF index is brought up to date in place: vectors whose chunk changed or disappeared are
+removed and new ones added, reading only the changed rows. An HNSW graph cannot drop nodes, so it is
+rebuilt; so is any index once the changes since its last rebuild pass `rebuild_after_fraction` (an IVF's
+clusters were trained on the vectors of that rebuild).
+"""
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from dagster import (
+    AssetCheckResult,
     AssetExecutionContext,
     AssetIn,
     Config,
@@ -10,18 +23,89 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     asset,
+    asset_check,
 )
+from pydantic import Field
 
 from assets.common import MEMORY_TAG, run_metadata, stage_cache_key, stage_code_version
-from assets.indexes_common import content_hash, load_all, partitions_hashes
+from assets.indexes_common import (
+    IndexDiff,
+    diff_index,
+    embedding_dimension,
+    expected_vectors,
+    iter_rows,
+    partitions_hashes,
+    reconcile,
+    vectors_of,
+)
+from quiver.vector_index import IndexSettings, choose_index_type, empty_index, supports_removal
 from resources.fileref import FileRef, FileStore
-from resources.vector_stores import FaissStore
+from resources.model_pool import ModelPool
+from resources.vector_stores import FaissDraft, FaissStore
 
 CODE_VERSION = stage_code_version(__name__)
 
 
 class FaissIndexConfig(Config):
-    force: bool = False
+    force: bool = Field(default=False, description="Write a new version even if this input was indexed before.")
+    rebuild: bool = Field(default=False, description="Build from scratch instead of updating the current version.")
+    rebuild_after_fraction: float = Field(
+        default=0.3, gt=0, description="Rebuild once vectors changed since the last rebuild pass this fraction.")
+
+
+def _add_rows(index: faiss.Index, draft: FaissDraft, batches: Any) -> int:
+    added = 0
+    for batch in batches:
+        index.add_with_ids(vectors_of(batch), batch.column("vector_id").to_numpy().astype(np.int64))
+        draft.add_payload(batch)
+        added += batch.num_rows
+    return added
+
+
+def rebuild_version(draft: FaissDraft, store: FileStore, embeddings: Mapping[str, FileRef], diff: IndexDiff,
+                    settings: IndexSettings, dimension: int) -> dict[str, Any]:
+    n = len(diff.desired)
+    kind = choose_index_type(settings, n)
+    index = empty_index(kind, dimension, settings, n)
+    if kind == "ivf" and n:
+        # IVF clusters are trained on the vectors first; the other types take them batch by batch.
+        batches = list(iter_rows(store, embeddings))
+        index.train(np.vstack([vectors_of(b) for b in batches]))
+    else:
+        batches = iter_rows(store, embeddings)
+    added = _add_rows(index, draft, batches)
+    draft.index = index
+    return {"index_type": kind, "mode": "rebuild", "added": added, "removed": diff.held,
+            "changes_since_rebuild": 0}
+
+
+def update_version(draft: FaissDraft, faiss_store: FaissStore, current: str, store: FileStore,
+                   embeddings: Mapping[str, FileRef], diff: IndexDiff, manifest: dict[str, Any]) -> dict[str, Any]:
+    index = faiss_store.read_index(current)
+    gone = np.asarray(sorted(diff.stale | diff.changed), dtype=np.int64)
+    if len(gone):
+        removed = index.remove_ids(gone)
+        if removed != len(gone):
+            raise RuntimeError(f"FAISS version {current} lacked {len(gone) - removed} vectors its payload lists")
+    gone_set = pa.array(gone, pa.int64())
+    for batch in faiss_store.iter_payload(current):
+        kept = batch.filter(pc.invert(pc.is_in(batch.column("vector_id"), value_set=gone_set)))
+        if kept.num_rows:
+            draft.add_payload(kept)
+    added = _add_rows(index, draft, iter_rows(store, embeddings, diff.to_write))
+    draft.index = index
+    return {"index_type": manifest["index_type"], "mode": "incremental", "added": added, "removed": len(gone),
+            "changes_since_rebuild": manifest.get("changes_since_rebuild", 0) + added + len(diff.stale)}
+
+
+def can_update(manifest: dict[str, Any], settings: IndexSettings, dimension: int, diff: IndexDiff,
+               config: FaissIndexConfig) -> bool:
+    """Updating in place gives the same index a rebuild would, up to the clusters an IVF was trained on."""
+    kind = choose_index_type(settings, len(diff.desired))
+    changes = manifest.get("changes_since_rebuild", 0) + diff.writes + len(diff.stale)
+    return (not config.rebuild and manifest.get("index_type") == kind and supports_removal(kind)
+            and manifest.get("settings") == settings.__dict__ and manifest.get("dimension") == dimension
+            and changes <= config.rebuild_after_fraction * max(len(diff.desired), 1))
 
 
 @asset(
@@ -41,27 +125,51 @@ def faiss_index(
     key = stage_cache_key("faiss_index", None, CODE_VERSION, partitions_hashes(embeddings), settings.__dict__)
     if faiss_store.has_version(key) and not config.force:
         faiss_store.make_current(key)
-        version = faiss_store.open_version(key)
-        context.log.info(f"faiss_index: cache hit {key}, {version.manifest['ntotal']} vectors")
+        manifest = faiss_store.manifest(key)
+        context.log.info(f"faiss_index: cache hit {key}, {manifest['ntotal']} vectors")
         return MaterializeResult(
-            data_version=DataVersion(version.manifest["content_hash"]),
-            metadata={"cache_hit": True, "cache_key": key, "vectors": version.manifest["ntotal"],
-                      "index_type": version.manifest["index_type"], "path": MetadataValue.path(str(version.directory))},
+            data_version=DataVersion(manifest["content_hash"]),
+            metadata={"cache_hit": True, "cache_key": key, "vectors": manifest["ntotal"],
+                      "index_type": manifest["index_type"],
+                      "path": MetadataValue.path(str(faiss_store.version_dir(key)))},
         )
-    vectors, payload = load_all(store, embeddings)
-    ids = payload.column("vector_id").to_numpy()
-    digest = content_hash(ids, payload.column("vector_key").to_pylist())
-    manifest = faiss_store.write_version(key, vectors, payload, {
-        "content_hash": digest, "partitions": sorted(embeddings)})
+    current = faiss_store.current_key()
+    current_manifest = faiss_store.manifest(current) if current and faiss_store.has_version(current) else None
+    diff = diff_index(store, embeddings, faiss_store.payload_keys(current) if current_manifest else {})
+    dimension = embedding_dimension(store, embeddings) or (current_manifest or {}).get("dimension", 0)
+    with faiss_store.writing_version(key) as draft:
+        build_started = time.perf_counter()
+        if current_manifest and can_update(current_manifest, settings, dimension, diff, config):
+            facts = update_version(draft, faiss_store, current, store, embeddings, diff, current_manifest)
+        else:
+            facts = rebuild_version(draft, store, embeddings, diff, settings, dimension)
+        draft.manifest = {**facts, "content_hash": diff.content_hash(), "partitions": sorted(embeddings),
+                          "settings": settings.__dict__, "build_seconds": time.perf_counter() - build_started}
+    manifest = draft.manifest
     faiss_store.make_current(key)
-    context.log.info(f"faiss_index: {manifest['ntotal']} vectors, {manifest['index_type']} index, version {key}")
+    context.log.info(f"faiss_index: {manifest['ntotal']} vectors, {manifest['index_type']} index, {facts['mode']} "
+                     f"(+{facts['added']} -{facts['removed']}), version {key}")
     return MaterializeResult(
-        data_version=DataVersion(digest),
+        data_version=DataVersion(manifest["content_hash"]),
         metadata=run_metadata(started, int(manifest["ntotal"]), {
             "cache_hit": False, "cache_key": key, "vectors": manifest["ntotal"],
-            "index_type": manifest["index_type"], "dimension": manifest["dimension"],
+            "index_type": manifest["index_type"], "dimension": manifest["dimension"], "mode": facts["mode"],
+            "vectors_added": facts["added"], "vectors_removed": facts["removed"], "unchanged": diff.unchanged,
             "partitions": MetadataValue.json(sorted(embeddings)),
             "build_seconds": MetadataValue.float(round(manifest["build_seconds"], 3)),
             "path": MetadataValue.path(str(faiss_store.version_dir(key))),
         }),
     )
+
+
+@asset_check(asset=faiss_index, additional_ins={"chunks": AssetIn("chunks")}, blocking=True,
+             op_tags={MEMORY_TAG: "io"},
+             description="The current FAISS version holds exactly one vector per current chunk: none missing, "
+                         "none stale or out of date, none twice.")
+def faiss_index_matches_chunks(chunks: dict[str, FileRef], store: FileStore, faiss_store: FaissStore,
+                               model_pool: ModelPool) -> AssetCheckResult:
+    expected = expected_vectors(store, chunks, model_pool.fingerprint())
+    current = faiss_store.current_key()
+    found = reconcile("FAISS", expected, faiss_store.held_vectors(current) if current else ())
+    return AssetCheckResult(passed=found.exact, description=found.describe(),
+                            metadata={**found.metadata(), "version": current or ""})

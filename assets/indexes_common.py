@@ -1,49 +1,99 @@
-"""Reading every source partition's embeddings for the index stages."""
+"""What the index stages share: every source partition's embeddings, and the difference between what an
+index holds and what it should hold (one vector per current chunk, under the chunk's vector id)."""
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from quiver.errors import QuiverError
+from quiver.hashing import vector_id, vector_key
 from resources.fileref import FileRef, FileStore
-from resources.vector_stores import PAYLOAD_COLUMNS
+
+KEY_COLUMNS = ["vector_id", "vector_key"]
 
 
 def partitions_hashes(embeddings: Mapping[str, FileRef]) -> dict[str, str]:
     return {partition: ref.sha256 for partition, ref in sorted(embeddings.items())}
 
 
-def iter_embedding_batches(store: FileStore, embeddings: Mapping[str, FileRef],
-                           batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
-    for _, ref in sorted(embeddings.items()):
-        yield from store.iter_batches(ref, batch_size)
-
-
 def vectors_of(batch: pa.RecordBatch) -> np.ndarray:
     column = batch.column("vector")
     dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim)
+    return np.ascontiguousarray(column.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim),
+                                dtype=np.float32)
 
 
-def load_all(store: FileStore, embeddings: Mapping[str, FileRef]) -> tuple[np.ndarray, pa.Table]:
-    """Every partition's vectors stacked, and their payload columns in the same order."""
-    vectors: list[np.ndarray] = []
-    payloads: list[pa.RecordBatch] = []
-    for batch in iter_embedding_batches(store, embeddings):
-        vectors.append(vectors_of(batch))
-        payloads.append(batch.select(list(PAYLOAD_COLUMNS)))
-    if not vectors:
-        return np.zeros((0, 0), dtype=np.float32), pa.table({c: pa.array([], pa.string()) for c in PAYLOAD_COLUMNS})
-    return np.ascontiguousarray(np.vstack(vectors), dtype=np.float32), pa.Table.from_batches(payloads)
-
-
-def content_hash(ids: np.ndarray, keys: list[str]) -> str:
+def content_hash(keys_by_id: Mapping[int, str]) -> str:
     """Order-independent identity of an index's content: which vector under which id."""
     digest = hashlib.sha256()
-    for vid, key in sorted(zip(ids.tolist(), keys, strict=True)):
-        digest.update(f"{vid}:{key}\n".encode())
+    for vid in sorted(keys_by_id):
+        digest.update(f"{vid}:{keys_by_id[vid]}\n".encode())
     return digest.hexdigest()
+
+
+@dataclass
+class IndexDiff:
+    """What a store must do to hold exactly the current vectors."""
+
+    desired: dict[int, str]  # vector id -> vector key of every current chunk
+    held: int  # vectors the store holds now
+    to_write: dict[str, set[int]] = field(default_factory=dict)  # by partition: new, or held under another key
+    changed: set[int] = field(default_factory=set)  # held under another key (replace)
+    stale: set[int] = field(default_factory=set)  # held, but no current chunk has the id (delete)
+
+    @property
+    def writes(self) -> int:
+        return sum(len(ids) for ids in self.to_write.values())
+
+    @property
+    def unchanged(self) -> int:
+        return len(self.desired) - self.writes
+
+    def content_hash(self) -> str:
+        return content_hash(self.desired)
+
+
+def diff_index(store: FileStore, embeddings: Mapping[str, FileRef], held: Mapping[int, str]) -> IndexDiff:
+    """Compares a store's {id: key} with every partition's embeddings, reading only the id and key columns."""
+    diff = IndexDiff(desired={}, held=len(held))
+    owner: dict[int, str] = {}
+    for partition, ref in sorted(embeddings.items()):
+        writes: set[int] = set()
+        for batch in store.iter_batches(ref, 65536, columns=KEY_COLUMNS):
+            for vid, key in zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(),
+                                strict=True):
+                if vid in diff.desired:
+                    raise QuiverError(f"vector id {vid} occurs twice (partitions {owner[vid]!r} and {partition!r}): "
+                                      "two chunks with one id cannot both be indexed")
+                diff.desired[vid] = key
+                owner[vid] = partition
+                held_key = held.get(vid)
+                if held_key != key:
+                    writes.add(vid)
+                    if held_key is not None:
+                        diff.changed.add(vid)
+        if writes:
+            diff.to_write[partition] = writes
+    diff.stale = {vid for vid in held if vid not in diff.desired}
+    return diff
+
+
+def iter_rows(store: FileStore, embeddings: Mapping[str, FileRef], only: Mapping[str, set[int]] | None = None,
+              batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
+    """Embedding rows of every partition, or only the rows with the given ids (read from their partitions)."""
+    partitions = sorted(embeddings) if only is None else sorted(only)
+    for partition in partitions:
+        wanted = None if only is None else pa.array(sorted(only[partition]), pa.int64())
+        for batch in store.iter_batches(embeddings[partition], batch_size):
+            if wanted is not None:
+                batch = batch.filter(pc.is_in(batch.column("vector_id"), value_set=wanted))
+            if batch.num_rows:
+                yield batch
 
 
 def embedding_dimension(store: FileStore, embeddings: Mapping[str, FileRef]) -> int:
@@ -51,3 +101,61 @@ def embedding_dimension(store: FileStore, embeddings: Mapping[str, FileRef]) -> 
     for _, ref in sorted(embeddings.items()):
         return store.parquet_schema(ref).field("vector").type.list_size
     return 0
+
+
+def expected_vectors(store: FileStore, chunks: Mapping[str, FileRef], model_fingerprint: str) -> dict[int, str]:
+    """{vector id: vector key} that the stores must hold: one per current chunk of every current source."""
+    expected: dict[int, str] = {}
+    for partition, ref in sorted(chunks.items()):
+        for batch in store.iter_batches(ref, 65536, columns=["chunk_id", "chunk_hash"]):
+            for chunk, chunk_hash in zip(batch.column("chunk_id").to_pylist(), batch.column("chunk_hash").to_pylist(),
+                                         strict=True):
+                expected[vector_id(partition, chunk)] = vector_key(model_fingerprint, chunk_hash)
+    return expected
+
+
+@dataclass
+class Reconciliation:
+    """A store compared with the current chunks: exact when nothing is missing, stale, wrong or doubled."""
+
+    store: str
+    expected: int
+    held: int  # vectors in the store, duplicates included
+    missing: list[int] = field(default_factory=list)  # a current chunk without a vector
+    stale: list[int] = field(default_factory=list)  # a vector whose chunk no longer exists
+    wrong: list[int] = field(default_factory=list)  # a vector made from other text (or another model)
+    duplicates: int = 0  # vectors held more than once under one id
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.stale or self.wrong or self.duplicates)
+
+    def describe(self) -> str:
+        if self.exact:
+            return f"{self.store}: exactly one vector for each of the {self.expected} current chunks"
+        return (f"{self.store}: {len(self.missing)} missing, {len(self.stale)} stale, {len(self.wrong)} out of date, "
+                f"{self.duplicates} duplicated (holds {self.held}, expected {self.expected})")
+
+    def metadata(self) -> dict[str, Any]:
+        return {"expected": self.expected, "held": self.held, "missing": len(self.missing),
+                "stale": len(self.stale), "out_of_date": len(self.wrong), "duplicates": self.duplicates,
+                "examples": {"missing": sorted(self.missing)[:10], "stale": sorted(self.stale)[:10],
+                             "out_of_date": sorted(self.wrong)[:10]}}
+
+
+def reconcile(store_name: str, expected: Mapping[int, str], held: Iterable[tuple[int, str | None]]) -> Reconciliation:
+    """Compares (id, key) pairs a store holds with what it must hold."""
+    seen: dict[int, str | None] = {}
+    result = Reconciliation(store_name, len(expected), 0)
+    for vid, key in held:
+        result.held += 1
+        if vid in seen:
+            result.duplicates += 1
+            continue
+        seen[vid] = key
+        if vid not in expected:
+            result.stale.append(vid)
+        elif expected[vid] != key:
+            result.wrong.append(vid)
+    result.missing = [vid for vid in expected if vid not in seen]
+    return result

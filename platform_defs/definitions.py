@@ -5,17 +5,19 @@ from dagster import Definitions
 from assets.chunks import chunks
 from assets.documents import documents
 from assets.embeddings import embeddings
-from assets.faiss_index import faiss_index
-from assets.milvus_collection import milvus_collection
+from assets.faiss_index import faiss_index, faiss_index_matches_chunks
+from assets.milvus_collection import milvus_collection, milvus_collection_matches_chunks
 from platform_defs.executor import quiver_executor
 from platform_defs.jobs import index_job, ingest_job
 from platform_defs.resources import build_resources
 
 ALL_ASSETS = [documents, chunks, embeddings, faiss_index, milvus_collection]
+ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks]
 
 
 defs = Definitions(
     assets=ALL_ASSETS,
+    asset_checks=ALL_CHECKS,
     jobs=[ingest_job, index_job],
     resources=build_resources(),
     executor=quiver_executor(preload_model=True),

@@ -26,6 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance, execute_job, reconstructable
 
     from platform_defs.definitions import get_index_job, get_ingest_job
+    from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
 
     res = _resources()
     registry = res["sources"]
@@ -40,21 +41,49 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # INFO keeps the console to what a user wants to follow (progress, results); the UI has everything.
     run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+    file_config = load_run_config(args.config) if args.config else {}
     failed: list[str] = []
     for name in names:
         print(f"==> ingesting source {name!r} (documents -> chunks -> embeddings)", flush=True)
-        result = execute_job(reconstructable(get_ingest_job), instance=instance,
-                             tags={"dagster/partition": name}, run_config=run_config)
+        result = execute_job(reconstructable(get_ingest_job), instance=instance, tags={"dagster/partition": name},
+                             run_config=config_for_job(file_config, INGEST_ASSETS, run_config))
         if not result.success:
             failed.append(name)
             print(f"!! source {name!r} failed: {_failure_message(result)}", file=sys.stderr)
     print("==> updating the FAISS index and the Milvus collection", flush=True)
-    result = execute_job(reconstructable(get_index_job), instance=instance, run_config=run_config)
+    result = execute_job(reconstructable(get_index_job), instance=instance,
+                         run_config=config_for_job(file_config, INDEX_ASSETS, run_config))
     if not result.success:
         print(f"!! indexing failed: {_failure_message(result)}", file=sys.stderr)
         return 1
     _print_summary(res)
     return 1 if failed else 0
+
+
+def load_run_config(path: str) -> dict[str, Any]:
+    """A Dagster run config YAML file (ops, resources, execution), as `dagster ... -c FILE` takes it."""
+    import yaml
+
+    from quiver.errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read run config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a run config is a mapping (ops:, resources:, execution:)")
+    return loaded
+
+
+def config_for_job(file_config: dict[str, Any], assets: tuple[str, ...], base: dict[str, Any]) -> dict[str, Any]:
+    """The file's config for one job: the `ops` entries of the job's own assets, everything else as is."""
+    merged = {**file_config, **base}
+    if "ops" in file_config:
+        merged["ops"] = {op: value for op, value in file_config["ops"].items() if op in assets}
+    return merged
 
 
 def _failure_message(result: Any) -> str:
@@ -163,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", action="append", help="only this source (repeatable); default: all")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="console log level of the Dagster runs (default INFO)")
+    run.add_argument("--config", metavar="FILE", help="run config YAML (ops, resources, execution), e.g. the "
+                     "embed-and-insert settings of config/ingest.yaml")
     run.set_defaults(func=cmd_run)
 
     source = sub.add_parser("source", help="add, list or remove sources (partitions)")

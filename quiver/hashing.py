@@ -33,3 +33,9 @@ def vector_id(source: str, chunk: str) -> int:
     """
     digest = hashlib.sha256(f"{source}\x00{chunk}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & _VECTOR_ID_MASK
+
+
+def vector_key(model_fingerprint: str, chunk_hash: str) -> str:
+    """Identifies a vector's content: the model and the exact text encoded. A store whose vector under an
+    id has another key holds a stale vector."""
+    return sha256_text(f"{model_fingerprint}\x00{chunk_hash}")[:32]

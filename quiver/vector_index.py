@@ -28,10 +28,18 @@ def choose_index_type(settings: IndexSettings, n_vectors: int) -> Literal["flat"
     return settings.auto_approximate_type if n_vectors > settings.auto_approximate_above else "flat"
 
 
-def build_index(vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings) -> tuple[faiss.Index, str]:
-    """An id-mapped inner-product index over normalized vectors, and the type that was chosen."""
-    n, dim = vectors.shape
-    kind = choose_index_type(settings, n)
+def supports_removal(kind: str) -> bool:
+    """Whether vectors can be removed in place: FAISS's HNSW graph cannot drop a node."""
+    return kind in ("flat", "ivf")
+
+
+def ivf_nlist(settings: IndexSettings, n: int) -> int:
+    return settings.ivf_nlist or max(1, min(int(4 * math.sqrt(max(n, 1))), max(n // 39, 1)))
+
+
+def empty_index(kind: str, dim: int, settings: IndexSettings, n: int = 0) -> faiss.Index:
+    """An id-mapped inner-product index of the given type, with nothing in it (IVF: still to be trained
+    on about n vectors)."""
     if kind == "flat":
         base: faiss.Index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -39,15 +47,22 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings) -
         base.hnsw.efConstruction = settings.hnsw_ef_construction
         base.hnsw.efSearch = settings.hnsw_ef_search
     else:
-        nlist = settings.ivf_nlist or max(1, min(int(4 * math.sqrt(max(n, 1))), max(n // 39, 1)))
-        quantizer = faiss.IndexFlatIP(dim)
-        base = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        if n:
-            base.train(vectors)
+        nlist = ivf_nlist(settings, n)
+        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         base.nprobe = min(settings.ivf_nprobe, nlist)
-    index = faiss.IndexIDMap2(base)
+    return faiss.IndexIDMap2(base)
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings) -> tuple[faiss.Index, str]:
+    """An id-mapped inner-product index over normalized vectors, and the type that was chosen."""
+    n, dim = vectors.shape
+    kind = choose_index_type(settings, n)
+    index = empty_index(kind, dim, settings, n)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if n:
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+        if kind == "ivf":
+            index.train(vectors)
+        index.add_with_ids(vectors, ids.astype(np.int64))
     return index, kind
 
 

@@ -343,25 +343,53 @@ def text_sha(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def encode_with_cache(pool: Any, cache: EmbeddingCache | None, texts: list[str], stats: CacheStats) -> np.ndarray:
-    """Vectors for texts: cached ones looked up, the rest encoded once each (duplicates too) and stored."""
-    state = pool.state()
-    dimension, fingerprint = state.dimension, state.fingerprint
+@dataclass
+class CachedTexts:
+    """What the cache knew of a list of texts: vectors found by position, and the texts left to encode."""
+
+    texts: list[str]
+    shas: list[bytes]
+    found: dict[int, np.ndarray]
+    to_encode: list[int]  # the first position of each distinct text that was not found
+
+    def texts_to_encode(self) -> list[str]:
+        return [self.texts[i] for i in self.to_encode]
+
+    def complete(self, fresh: np.ndarray, dimension: int) -> np.ndarray:
+        """Every text's vector, given the vectors of `texts_to_encode()` in that order."""
+        out = np.empty((len(self.texts), dimension), dtype=np.float32)
+        for i, vector in self.found.items():
+            out[i] = vector
+        row_of = {self.shas[i]: k for k, i in enumerate(self.to_encode)}
+        for i, sha in enumerate(self.shas):
+            if i not in self.found:
+                out[i] = fresh[row_of[sha]]
+        return out
+
+
+def look_up_texts(cache: EmbeddingCache | None, fingerprint: str, dimension: int, texts: list[str],
+                  stats: CacheStats) -> CachedTexts:
+    """Looks texts up; identical texts that missed are to be encoded once."""
     shas = [text_sha(t) for t in texts]
     found = cache.lookup(fingerprint, dimension, shas, stats) if cache is not None else {}
     first_of: dict[bytes, int] = {}
     for i, sha in enumerate(shas):
         if i not in found:
             first_of.setdefault(sha, i)
-    order = list(first_of.values())
-    fresh = pool.encode([texts[i] for i in order]) if order else np.zeros((0, dimension), np.float32)
-    if cache is not None and order:
-        cache.store(fingerprint, dimension, [shas[i] for i in order], fresh, stats)
-    out = np.empty((len(texts), dimension), dtype=np.float32)
-    for i, vector in found.items():
-        out[i] = vector
-    row_of = {sha: k for k, sha in enumerate(shas[i] for i in order)}
-    for i, sha in enumerate(shas):
-        if i not in found:
-            out[i] = fresh[row_of[sha]]
-    return out
+    return CachedTexts(texts, shas, found, list(first_of.values()))
+
+
+def store_encoded(cache: EmbeddingCache | None, fingerprint: str, dimension: int, looked_up: CachedTexts,
+                  fresh: np.ndarray, stats: CacheStats) -> None:
+    if cache is not None and looked_up.to_encode:
+        cache.store(fingerprint, dimension, [looked_up.shas[i] for i in looked_up.to_encode], fresh, stats)
+
+
+def encode_with_cache(pool: Any, cache: EmbeddingCache | None, texts: list[str], stats: CacheStats) -> np.ndarray:
+    """Vectors for texts: cached ones looked up, the rest encoded once each (duplicates too) and stored."""
+    state = pool.state()
+    dimension, fingerprint = state.dimension, state.fingerprint
+    looked_up = look_up_texts(cache, fingerprint, dimension, texts, stats)
+    fresh = pool.encode(looked_up.texts_to_encode())
+    store_encoded(cache, fingerprint, dimension, looked_up, fresh, stats)
+    return looked_up.complete(fresh, dimension)

@@ -3,9 +3,10 @@
 A process-wide registry keyed by the model's fingerprint holds the weights, loaded on CPU. In a
 multiprocess run the forkserver loads them before it forks (platform_defs/preload.py), so every step
 process inherits them copy-on-write; a step that finds no preloaded model loads it and says so.
-Workers take an instance with acquire/release, so no two threads ever run one instance at once; an
-instance that fails or returns non-finite vectors is health-checked and reloaded, a bounded number of
-times.
+Encoding is two steps, so that a pipeline can overlap them: `tokenize` (any thread, each with its own
+copy of the tokenizer, no instance needed) and `forward` (on an acquired instance). Workers take an
+instance with acquire/release, so no two threads ever run one instance at once; an instance that fails
+or returns non-finite vectors is health-checked and reloaded, a bounded number of times.
 """
 
 import copy
@@ -36,6 +37,8 @@ PROBE_TEXT = "quiver model health probe"
 LOADS_BY_PID: Counter[int] = Counter()
 _STATES: dict[str, "PoolState"] = {}
 _STATES_LOCK = threading.Lock()
+# Each thread tokenizes with its own copy of the tokenizer: a shared fast tokenizer is not thread-safe.
+_THREAD_LOCAL = threading.local()
 
 
 class ModelPoolError(QuiverError):
@@ -96,10 +99,30 @@ class ModelInstance:
 
 
 @dataclass
+class TokenizedBatch:
+    """One forward pass's texts, tokenized: which rows of the caller's list they fill, and the model inputs."""
+
+    positions: list[int]
+    features: dict[str, Any]
+    tokens: int
+
+
+def plan_batches(texts: list[str], batch_size: int) -> list[list[int]]:
+    """Positions of texts grouped into forward passes, longest first, so that padding stays small.
+
+    Every encoding path uses this one plan, so the same texts always meet the same neighbours and get
+    bit-identical vectors, whichever path (sync, async, query) encoded them.
+    """
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@dataclass
 class PoolMetrics:
     texts: int = 0
     tokens: int = 0
     batches: int = 0
+    tokenize_seconds: float = 0.0
     encode_seconds: float = 0.0
     wait_seconds: float = 0.0
     reloads: int = 0
@@ -110,8 +133,17 @@ class PoolMetrics:
 
 
 @dataclass
+class InstanceSet:
+    """The instances of one (device, count) configuration of a model, in the process that uses them."""
+
+    devices: tuple[str, ...]
+    instances: list[ModelInstance]
+    available: "queue.Queue[ModelInstance]"
+
+
+@dataclass
 class PoolState:
-    """One model in one process: the CPU weights as loaded (or inherited), and the instances."""
+    """One model in one process: the CPU weights as loaded (or inherited), and its instance sets."""
 
     fingerprint: str
     path: str
@@ -121,11 +153,14 @@ class PoolState:
     max_seq_length: int
     load_seconds: float
     loaded_by_pid: int
-    instances: list[ModelInstance] = field(default_factory=list)
-    available: "queue.Queue[ModelInstance]" = field(default_factory=queue.Queue)
+    instance_sets: dict[tuple[str, int], InstanceSet] = field(default_factory=dict)
     metrics: PoolMetrics = field(default_factory=PoolMetrics)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    instance_pid: int = -1  # instances are built per process, inside the step, never before a fork
+    preprocess_lock: threading.Lock = field(default_factory=threading.Lock)
+    # (extra feature entries,) once checked whether the Rust tokenizer reproduces the model's preprocessing;
+    # (None,) when it does not.
+    rust_check: tuple[dict[str, Any] | None] | None = None
+    instance_pid: int = -1  # instance sets are built per process, inside the step, never before a fork
 
     @property
     def inherited(self) -> bool:
@@ -220,31 +255,42 @@ class ModelPool(ConfigurableResource):
         """Load the CPU weights now (the forkserver calls this before forking steps)."""
         return self.state()
 
-    def _instances(self) -> PoolState:
+    def _instances(self) -> tuple[PoolState, InstanceSet]:
+        """The model and this pool's instances of it (device and count as configured), built on first use."""
         state = self.state()
-        if state.instance_pid == os.getpid():
-            return state
+        key = (self.device, self.instances)
+        found = state.instance_sets.get(key) if state.instance_pid == os.getpid() else None
+        if found is not None:
+            return state, found
         with state.lock:
-            if state.instance_pid != os.getpid():
+            if state.instance_pid != os.getpid():  # a forked child: its parent's instances are not its own
+                state.instance_sets = {}
+                state.instance_pid = os.getpid()
                 if self.torch_threads:
                     import torch
 
                     torch.set_num_threads(self.torch_threads)
-                devices = resolve_devices(self.device, self.instances)
-                state.instances = []
-                state.available = queue.Queue()
+            found = state.instance_sets.get(key)
+            if found is None:
+                devices = tuple(resolve_devices(self.device, self.instances))
+                found = InstanceSet(devices, [], queue.Queue())
                 for slot, device in enumerate(devices):
-                    model = state.base if slot == 0 else copy.deepcopy(state.base)
+                    # Slot 0 on CPU is the loaded weights themselves; anything else is a copy, so that moving it
+                    # to a GPU never moves the weights another configuration runs on.
+                    share = slot == 0 and device == "cpu" and not any(
+                        s.instances and s.instances[0].model is state.base for s in state.instance_sets.values())
+                    model = state.base if share else copy.deepcopy(state.base)
                     if device != "cpu":
                         model = model.to(device)
                     instance = ModelInstance(slot, device, model)
-                    state.instances.append(instance)
-                    state.available.put(instance)
-                state.instance_pid = os.getpid()
-        return state
+                    found.instances.append(instance)
+                    found.available.put(instance)
+                state.instance_sets[key] = found
+        return state, found
 
-    def loaded(self) -> PoolState:
-        return self._instances()
+    def loaded(self) -> InstanceSet:
+        """This pool's instances, built now if they were not yet."""
+        return self._instances()[1]
 
     def dimension(self) -> int:
         return self.state().dimension
@@ -257,10 +303,10 @@ class ModelPool(ConfigurableResource):
     @contextmanager
     def acquire(self) -> Iterator[ModelInstance]:
         """An instance for this worker alone; a previously failed one is checked (and reloaded) first."""
-        state = self._instances()
+        state, instance_set = self._instances()
         started = time.perf_counter()
         try:
-            instance = state.available.get(timeout=self.acquire_timeout_s)
+            instance = instance_set.available.get(timeout=self.acquire_timeout_s)
         except queue.Empty as exc:
             raise ModelPoolError(f"no model instance became free within {self.acquire_timeout_s}s") from exc
         with state.lock:
@@ -270,7 +316,7 @@ class ModelPool(ConfigurableResource):
                 self._heal(state, instance)
             yield instance
         finally:
-            state.available.put(instance)
+            instance_set.available.put(instance)
 
     def _heal(self, state: PoolState, instance: ModelInstance) -> None:
         if _probe_ok(instance.model, state.dimension):
@@ -300,24 +346,41 @@ class ModelPool(ConfigurableResource):
             f"{self.max_reload_attempts} reload attempt(s) failed; last error: {last_error}")
 
     # -- encoding --------------------------------------------------------------------------------
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """float32 vectors, L2-normalized when configured, one row per text in order."""
-        state = self._instances()
-        if not texts:
-            return np.zeros((0, state.dimension), dtype=np.float32)
+    def tokenize(self, texts: list[str]) -> list[TokenizedBatch]:
+        """Texts as model inputs, one TokenizedBatch per forward pass; safe to call from any thread."""
+        state = self.state()
+        started = time.perf_counter()
+        preprocess = _thread_preprocessor(state)
+        batches = []
+        for positions in plan_batches(texts, self.batch_size):
+            features = preprocess([texts[i] for i in positions])
+            mask = features.get("attention_mask")
+            tokens = int(mask.sum()) if mask is not None else 0
+            batches.append(TokenizedBatch(positions, features, tokens))
+        with state.lock:
+            state.metrics.tokenize_seconds += time.perf_counter() - started
+        return batches
+
+    def forward(self, batches: list[TokenizedBatch], rows: int) -> np.ndarray:
+        """float32 vectors (L2-normalized when configured) for tokenized batches, placed at their positions.
+
+        Runs on one acquired instance; a failure or a non-finite vector marks the instance failed, and
+        the work is retried on a healed instance, a bounded number of times.
+        """
+        state = self.state()
+        out = np.zeros((rows, state.dimension), dtype=np.float32)
+        if not batches:
+            return out
         last: BaseException | None = None
         for _ in range(self.max_reload_attempts + 1):
             with self.acquire() as instance:
                 started = time.perf_counter()
                 try:
-                    vectors = instance.model.encode(
-                        texts, batch_size=self.batch_size, normalize_embeddings=self.normalize,
-                        convert_to_numpy=True, show_progress_bar=False)
-                    if vectors.shape != (len(texts), state.dimension) or not np.isfinite(vectors).all():
-                        raise ModelPoolError(f"instance {instance.slot} returned non-finite or misshapen vectors")
+                    for batch in batches:
+                        out[batch.positions] = _run_forward(instance, batch.features, self.normalize)
+                    if not np.isfinite(out).all():
+                        raise ModelPoolError(f"instance {instance.slot} returned non-finite vectors")
                     elapsed = time.perf_counter() - started
-                    # The instance's own tokenizer, while this worker holds the instance: thread-safe.
-                    tokens = _count_tokens(instance.model.tokenizer, texts, state.max_seq_length)
                 except Exception as exc:  # noqa: BLE001 - the instance is marked and healed on next acquire
                     instance.healthy = False
                     instance.failures += 1
@@ -328,12 +391,16 @@ class ModelPool(ConfigurableResource):
                     continue
             with state.lock:
                 m = state.metrics
-                m.texts += len(texts)
-                m.tokens += tokens
-                m.batches += -(-len(texts) // self.batch_size)
+                m.texts += sum(len(b.positions) for b in batches)
+                m.tokens += sum(b.tokens for b in batches)
+                m.batches += len(batches)
                 m.encode_seconds += elapsed
-            return np.ascontiguousarray(vectors, dtype=np.float32)
+            return out
         raise ModelPoolError(f"encoding failed after {self.max_reload_attempts + 1} attempts: {last}") from last
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """float32 vectors, L2-normalized when configured, one row per text in order."""
+        return self.forward(self.tokenize(texts), len(texts))
 
     def metrics(self) -> PoolMetrics:
         state = self.state()
@@ -358,9 +425,120 @@ class ModelPool(ConfigurableResource):
         }
 
 
-def _count_tokens(tokenizer: Any, texts: list[str], limit: int) -> int:
-    encoded = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit)
-    return sum(len(ids) for ids in encoded["input_ids"])
+# Texts on which a direct Rust tokenizer must reproduce the model's own preprocessing before it is used:
+# short and long (past any max length), unicode, case, stray whitespace.
+PROBE_TEXTS = [
+    "a",
+    "Title\nA short body.",
+    "  Leading and trailing  whitespace,\tand\ttabs \n",
+    "Naïve café — 東京 Ünïcödé, emoji 🙂, and ligatures ﬁ",
+    "MiXeD CaSe AND NUMBERS 12345 3.14159 e=mc^2",
+    " ".join(f"token{i} supercalifragilisticexpialidocious" for i in range(700)),
+]
+
+
+class RustTextPreprocessor:
+    """The model's text preprocessing done by its Rust tokenizer alone.
+
+    Sentence-transformers ends in the same Rust encode_batch (truncate longest-first, pad to the longest),
+    but its Python wrapper holds the GIL for most of the time; encode_batch does not, so tokenizing
+    threads overlap with each other and with the forward passes. Used only when it reproduces the
+    model's own features exactly (see `exact_rust_preprocessing`). Each thread has its own copy.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, extra: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self.names = list(tokenizer.model_input_names)
+        self.extra = extra
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.enable_truncation(max_length, strategy="longest_first",
+                                       direction=getattr(tokenizer, "truncation_side", "right"))
+        self.backend.enable_padding(direction=getattr(tokenizer, "padding_side", "right"),
+                                    pad_id=tokenizer.pad_token_id, pad_type_id=tokenizer.pad_token_type_id,
+                                    pad_token=tokenizer.pad_token)
+
+    def __call__(self, texts: list[str]) -> dict[str, Any]:
+        import torch
+
+        encodings = self.backend.encode_batch(texts, add_special_tokens=True)
+        fields = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
+        features: dict[str, Any] = {
+            name: torch.from_numpy(np.array([getattr(e, fields[name]) for e in encodings], dtype=np.int64))
+            for name in self.names
+        }
+        features.update(self.extra)
+        return features
+
+
+def exact_rust_preprocessing(state: PoolState) -> dict[str, Any] | None:
+    """The non-tensor entries of the model's features if RustTextPreprocessor reproduces its preprocessing
+    on PROBE_TEXTS, tensor for tensor; None (use the model's own preprocessing) otherwise."""
+    import torch
+
+    module = state.base[0]
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        return None
+    if not set(tokenizer.model_input_names) <= {"input_ids", "token_type_ids", "attention_mask"}:
+        return None
+    try:
+        with state.preprocess_lock:
+            expected = state.base.preprocess(PROBE_TEXTS)
+        extra = {k: v for k, v in expected.items() if not isinstance(v, torch.Tensor)}
+        got = RustTextPreprocessor(tokenizer, module.max_seq_length, extra)(PROBE_TEXTS)
+    except Exception:  # noqa: BLE001 - any doubt: the model's own path
+        return None
+    same = set(got) == set(expected) and all(
+        torch.equal(got[k], expected[k]) and got[k].dtype == expected[k].dtype if isinstance(expected[k], torch.Tensor)
+        else got[k] == expected[k] for k in expected)
+    return extra if same else None
+
+
+def _thread_preprocessor(state: PoolState) -> Any:
+    """This thread's own preprocess function for the model: the Rust tokenizer when it is exact, else
+    the model's input module with a private tokenizer (a shared fast tokenizer is not thread-safe)."""
+    cache = getattr(_THREAD_LOCAL, "preprocessors", None)
+    if cache is None:
+        cache = _THREAD_LOCAL.preprocessors = {}
+    key = (state.fingerprint, os.getpid())
+    found = cache.get(key)
+    if found is None:
+        if state.rust_check is None:
+            with state.lock:
+                if state.rust_check is None:
+                    state.rust_check = (exact_rust_preprocessing(state),)
+        module = state.base[0]
+        extra = state.rust_check[0]
+        if extra is not None:
+            found = RustTextPreprocessor(module.tokenizer, module.max_seq_length, extra)
+        elif hasattr(module, "processor"):
+            module = copy.copy(module)  # shares the weights; only the tokenizer is private
+            module.processor = copy.deepcopy(module.processor)
+            found = module.preprocess
+        else:  # an input module of another kind: serialize its use instead
+
+            def found(texts: list[str], _state: PoolState = state) -> dict[str, Any]:
+                with _state.preprocess_lock:
+                    return _state.base.preprocess(texts)
+
+        cache[key] = found
+    return found
+
+
+def _run_forward(instance: ModelInstance, features: dict[str, Any], normalize: bool) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        inputs = dict(features)  # modules add their outputs to the dict they are given
+        if instance.device != "cpu":
+            from sentence_transformers.util import batch_to_device
+
+            inputs = batch_to_device(inputs, torch.device(instance.device))
+        embeddings = instance.model(inputs)["sentence_embedding"]
+        if normalize:
+            embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+        return embeddings.float().cpu().numpy()
 
 
 def metrics_metadata(delta: PoolMetrics) -> dict[str, float | int]:
@@ -369,6 +547,7 @@ def metrics_metadata(delta: PoolMetrics) -> dict[str, float | int]:
         "texts_encoded": delta.texts,
         "tokens_encoded": delta.tokens,
         "encode_batches": delta.batches,
+        "tokenize_seconds": round(delta.tokenize_seconds, 3),
         "encode_seconds": round(delta.encode_seconds, 3),
         "texts_per_second": round(delta.texts / seconds, 1) if delta.texts else 0.0,
         "tokens_per_second": round(delta.tokens / seconds, 1) if delta.tokens else 0.0,

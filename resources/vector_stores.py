@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from quiver.vector_index import IndexSettings, build_index, search_index
 from resources.fileref import atomic_replace, write_text_atomic
 
 SNIPPET_CHARS = 2000
+MILVUS_MAX_REQUEST_BYTES = 64 * 2**20  # gRPC message limit of a Milvus server
 CURRENT_POINTER = "CURRENT"
 # Columns every vector store keeps beside the vector.
 PAYLOAD_COLUMNS = ("vector_id", "chunk_id", "doc_id", "source", "title", "text", "vector_key")
@@ -78,6 +80,60 @@ class FaissVersion:
         return results
 
 
+def _mtime(path: UPath) -> float:
+    try:
+        return float(path.stat().st_mtime)
+    except (AttributeError, KeyError, TypeError):  # some object stores report no mtime for prefixes
+        return time.time()
+
+
+class FaissDraft:
+    """A version under construction: payload rows stream to Parquet; the index and manifest come last."""
+
+    def __init__(self, directory: UPath) -> None:
+        self.directory = directory
+        self.index: faiss.Index | None = None
+        self.manifest: dict[str, Any] = {}
+        self.rows = 0
+        self._handle: Any = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def add_payload(self, rows: pa.RecordBatch | pa.Table) -> None:
+        rows = rows.select(list(PAYLOAD_COLUMNS))
+        if self._writer is None:
+            self._handle = (self.directory / "payload.parquet").open("wb")
+            self._writer = pq.ParquetWriter(self._handle, rows.schema, compression="zstd")
+        self._writer.write(rows)
+        self.rows += rows.num_rows
+
+    def complete(self, key: str) -> None:
+        if self.index is None:
+            raise QuiverError("a FAISS version needs an index")
+        if self._writer is None:
+            self.add_payload(pa.table({c: pa.array([], pa.int64() if c == "vector_id" else pa.string())
+                                       for c in PAYLOAD_COLUMNS}))
+        assert self._writer is not None
+        self._writer.close()
+        self._handle.close()
+        if self.rows != self.index.ntotal:
+            raise QuiverError(f"FAISS version {key}: {self.index.ntotal} vectors but {self.rows} payload rows")
+        if _local(self.directory):
+            faiss.write_index(self.index, str(self.directory.path) + "/index.faiss")
+        else:
+            (self.directory / "index.faiss").write_bytes(faiss.serialize_index(self.index).tobytes())
+        self.manifest = {"key": key, "ntotal": int(self.index.ntotal), "dimension": int(self.index.d),
+                         "created": time.time(), **self.manifest}
+        (self.directory / "manifest.json").write_text(json.dumps(self.manifest, sort_keys=True))
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+                self._handle.close()
+            except Exception:  # noqa: BLE001 - the directory is removed anyway
+                pass
+
+
 class FaissStore(ConfigurableResource):
     """Versioned FAISS indexes: each build is a new directory; CURRENT names the live one.
 
@@ -95,6 +151,8 @@ class FaissStore(ConfigurableResource):
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
     keep_versions: int = 2
+    abandoned_draft_after_s: float = Field(default=3600.0, description="A temp version directory older than "
+                                           "this is a build that died, and is removed.")
 
     def settings(self) -> IndexSettings:
         return IndexSettings(
@@ -114,38 +172,49 @@ class FaissStore(ConfigurableResource):
     def has_version(self, key: str) -> bool:
         return (self.version_dir(key) / "manifest.json").exists()
 
-    def write_version(self, key: str, vectors: np.ndarray, payload: pa.Table,
-                      extra_manifest: dict[str, Any]) -> dict[str, Any]:
-        """Build and store an index version named by key; returns its manifest."""
-        ids = payload.column("vector_id").to_numpy()
-        if len(np.unique(ids)) != len(ids):
-            raise QuiverError("duplicate vector ids in the index input: a chunk id repeats")
-        started = time.perf_counter()
-        index, kind = build_index(vectors, ids, self.settings())
-        build_seconds = time.perf_counter() - started
-        final = self.version_dir(key)
+    @contextmanager
+    def writing_version(self, key: str) -> Iterator["FaissDraft"]:
+        """A version being written in a temp directory; renamed into place only if the block completes."""
+        self._remove_abandoned_drafts()
         tmp = self.root / "versions" / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True, exist_ok=True)
+        draft = FaissDraft(tmp)
         try:
-            if _local(tmp):
-                faiss.write_index(index, str(tmp.path) + "/index.faiss")
-            else:
-                (tmp / "index.faiss").write_bytes(faiss.serialize_index(index).tobytes())
-            with (tmp / "payload.parquet").open("wb") as fh:
-                pq.write_table(payload, fh, compression="zstd")
-            manifest = {
-                "key": key, "index_type": kind, "ntotal": int(index.ntotal), "dimension": int(vectors.shape[1])
-                if vectors.ndim == 2 else 0, "build_seconds": build_seconds, "created": time.time(),
-                **extra_manifest,
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+            yield draft
+            draft.complete(key)
+            final = self.version_dir(key)
             if final.exists():
                 self._remove(final)
             atomic_replace(tmp, final)
         except BaseException:
+            draft.abort()
             self._remove(tmp)
             raise
-        return manifest
+
+    def write_version(self, key: str, vectors: np.ndarray, payload: pa.Table,
+                      extra_manifest: dict[str, Any]) -> dict[str, Any]:
+        """Build an index over vectors and store it as the version named key; returns its manifest."""
+        ids = payload.column("vector_id").to_numpy()
+        if len(np.unique(ids)) != len(ids):
+            raise QuiverError("duplicate vector ids in the index input: a chunk id repeats")
+        with self.writing_version(key) as draft:
+            started = time.perf_counter()
+            draft.index, kind = build_index(vectors, ids, self.settings())
+            draft.add_payload(payload)
+            draft.manifest = {"index_type": kind, "build_seconds": time.perf_counter() - started, **extra_manifest}
+        return draft.manifest
+
+    def _remove_abandoned_drafts(self) -> None:
+        """Temp directories of builds that died (a killed step) and are old enough not to be in progress."""
+        versions = self.root / "versions"
+        if not versions.exists():
+            return
+        for entry in versions.iterdir():
+            try:
+                if entry.name.startswith(".tmp-") and time.time() - _mtime(entry) > self.abandoned_draft_after_s:
+                    self._remove(entry)
+            except OSError:
+                continue
 
     def make_current(self, key: str) -> None:
         if not self.has_version(key):
@@ -165,14 +234,39 @@ class FaissStore(ConfigurableResource):
 
     def open_version(self, key: str) -> FaissVersion:
         directory = self.version_dir(key)
-        manifest = json.loads((directory / "manifest.json").read_text())
-        if _local(directory):
-            index = faiss.read_index(str(directory.path) + "/index.faiss")
-        else:
-            index = faiss.deserialize_index(np.frombuffer((directory / "index.faiss").read_bytes(), dtype=np.uint8))
         with (directory / "payload.parquet").open("rb") as fh:
             payload = pq.read_table(fh)
-        return FaissVersion(directory, manifest, index, payload)
+        return FaissVersion(directory, self.manifest(key), self.read_index(key), payload)
+
+    def held_vectors(self, key: str) -> Iterator[tuple[int, str | None]]:
+        """(vector id, vector key) of every vector in a version's index; the key comes from its payload."""
+        keys = self.payload_keys(key)
+        index = self.read_index(key)
+        for vid in faiss.vector_to_array(index.id_map).tolist():
+            yield vid, keys.get(vid)
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        return json.loads((self.version_dir(key) / "manifest.json").read_text())
+
+    def read_index(self, key: str) -> faiss.Index:
+        """The version's index, as this process's own copy (changing it never changes the version)."""
+        directory = self.version_dir(key)
+        if _local(directory):
+            return faiss.read_index(str(directory.path) + "/index.faiss")
+        return faiss.deserialize_index(np.frombuffer((directory / "index.faiss").read_bytes(), dtype=np.uint8))
+
+    def iter_payload(self, key: str, batch_size: int = 8192,
+                     columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        with (self.version_dir(key) / "payload.parquet").open("rb") as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
+
+    def payload_keys(self, key: str) -> dict[int, str]:
+        """{vector id: vector key} of a version, from its payload."""
+        found: dict[int, str] = {}
+        for batch in self.iter_payload(key, columns=["vector_id", "vector_key"]):
+            found.update(zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(),
+                             strict=True))
+        return found
 
     def _prune(self, keep: str) -> None:
         versions = self.root / "versions"
@@ -205,7 +299,9 @@ class MilvusStore(ConfigurableResource):
     db_name: str = ""
     collection: str = "quiver_chunks"
     index_type: str = Field(default="FLAT", description="FLAT (exact), HNSW, IVF_FLAT or AUTOINDEX.")
-    insert_batch_size: int = Field(default=512, ge=1)
+    insert_batch_size: int = Field(default=512, ge=1, description="Most rows per insert or upsert request.")
+    max_request_bytes: int = Field(default=16 * 2**20, ge=2**16, le=MILVUS_MAX_REQUEST_BYTES // 2,
+                                   description="Most bytes per request, well under Milvus's 64 MB limit.")
     lite_open_timeout_s: float = Field(default=60.0, description="Wait this long for another process to "
                                                                  "release a Milvus Lite database.")
 
@@ -294,26 +390,31 @@ class MilvusStore(ConfigurableResource):
 
     def existing_keys(self, source: str | None = None) -> dict[int, str]:
         """{vector id: vector key} of what the collection holds (optionally for one source)."""
+        return dict(self.iter_keys(source))
+
+    def iter_keys(self, source: str | None = None) -> Iterator[tuple[int, str]]:
+        """Every (vector id, vector key) row the collection holds, optionally for one source."""
+        if not self.exists():
+            return
         client = self.loaded_client()
         filter_expr = f'source == "{_escape(source)}"' if source is not None else "id >= 0"
         iterator = client.query_iterator(self.collection, batch_size=4096, filter=filter_expr,
                                          output_fields=["id", "vector_key"])
-        found: dict[int, str] = {}
         try:
             while True:
                 page = iterator.next()
                 if not page:
                     break
-                found.update((int(row["id"]), row["vector_key"]) for row in page)
+                for row in page:
+                    yield int(row["id"]), row["vector_key"]
         finally:
             iterator.close()
-        return found
 
     def upsert_rows(self, rows: list[dict[str, Any]]) -> int:
+        """Upserts in requests of at most insert_batch_size rows and max_request_bytes bytes."""
         client = self.client()
         written = 0
-        for start in range(0, len(rows), self.insert_batch_size):
-            batch = rows[start:start + self.insert_batch_size]
+        for batch in request_batches(rows, self.insert_batch_size, self.max_request_bytes):
             client.upsert(self.collection, batch)
             written += len(batch)
         return written
@@ -343,6 +444,34 @@ class MilvusStore(ConfigurableResource):
         return hits
 
 
+def row_bytes(row: dict[str, Any]) -> int:
+    """What a row weighs in a request: 4 bytes a float, UTF-8 strings, and a little framing per field."""
+    size = 0
+    for value in row.values():
+        if isinstance(value, str):
+            size += len(value.encode("utf-8")) + 8
+        elif isinstance(value, list | tuple):
+            size += 4 * len(value) + 8
+        else:
+            size += 16
+    return size
+
+
+def request_batches(rows: list[dict[str, Any]], max_rows: int, max_bytes: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive slices of rows, each within both limits (a single oversized row goes alone)."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for row in rows:
+        weight = row_bytes(row)
+        if batch and (len(batch) >= max_rows or size + weight > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(row)
+        size += weight
+    if batch:
+        yield batch
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
@@ -365,12 +494,20 @@ def rows_for_milvus(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
 
 
 def close_milvus_clients() -> None:
-    """Release every Milvus connection of this process (Milvus Lite: lets another process open the file)."""
+    """Release every Milvus connection of this process; a Milvus Lite database is closed too, so that
+    another process can open it (Lite admits one process at a time)."""
     with _MILVUS_LOCK:
-        for client in _MILVUS_CLIENTS.values():
+        for (uri, _token, _db), client in _MILVUS_CLIENTS.items():
             try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
+            if "://" not in uri:
+                try:
+                    from milvus_lite.server_manager import server_manager_instance
+
+                    server_manager_instance.release_server(uri)
+                except Exception:  # noqa: BLE001 - an older milvus-lite, or nothing to release
+                    pass
         _MILVUS_CLIENTS.clear()
         _LOADED_COLLECTIONS.clear()

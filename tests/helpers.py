@@ -7,7 +7,7 @@ from typing import Any
 
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, materialize
 
-from platform_defs.definitions import ALL_ASSETS
+from platform_defs.definitions import ALL_ASSETS, ALL_CHECKS
 from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
 from tests.conftest import DATASETS
 
@@ -28,8 +28,16 @@ def ingest(instance: DagsterInstance, resources: dict[str, Any], partition: str,
                        raise_on_error=raise_on_error)
 
 
-def index(instance: DagsterInstance, resources: dict[str, Any]) -> ExecuteInProcessResult:
-    return materialize(ALL_ASSETS, instance=instance, resources=resources, selection=list(INDEX_ASSETS))
+def index(instance: DagsterInstance, resources: dict[str, Any], run_config: dict[str, Any] | None = None,
+          raise_on_error: bool = True) -> ExecuteInProcessResult:
+    """Both indexes and their reconciliation checks."""
+    return materialize([*ALL_ASSETS, *ALL_CHECKS], instance=instance, resources=resources,
+                       selection=list(INDEX_ASSETS), run_config=run_config or {}, raise_on_error=raise_on_error)
+
+
+def check_results(result: ExecuteInProcessResult) -> dict[str, Any]:
+    """{check name: evaluation} of the asset checks a run executed."""
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
 
 def metadata(result: ExecuteInProcessResult, asset: str) -> dict[str, Any]:

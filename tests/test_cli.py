@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import PROJECT
 from tests.helpers import scifact_docs, write_jsonl
@@ -44,9 +45,18 @@ def test_cli_materialize_run_and_search(quiver_home: Path, tmp_path: Path) -> No
         assert set(meta["partitions"]) == {"small", "extra"}
         assert meta["model_loads_in_step_process"] == 0 and meta["model_inherited"] is True
 
-    run = _run([str(BIN / "quiver"), "run"], quiver_home)
+    # A run config file sets the embed-and-insert pipeline and the index ops of each job it applies to.
+    config = tmp_path / "ingest.yaml"
+    config.write_text("ops:\n  embeddings:\n    config: {mode: sync, force: true, insert_batch_size: 3}\n"
+                      "  faiss_index:\n    config: {rebuild: true, force: true}\n")
+    run = _run([str(BIN / "quiver"), "run", "--config", str(config)], quiver_home)
     assert "Quiver is ready." in run.stdout
     assert "quiver search" in run.stdout
+    with DagsterInstance.get() as instance:
+        embedded = latest_metadata(instance, "embeddings", "small")
+        assert embedded["pipeline_mode"] == "sync" and embedded["cache_hit"] is False
+        assert embedded["milvus_unchanged"] == embedded["rows"]  # same vectors: nothing to rewrite
+        assert latest_metadata(instance, "faiss_index")["mode"] == "rebuild"
     listed = _run([str(BIN / "quiver"), "source", "list"], quiver_home)
     assert listed.stdout.strip().splitlines() == [f"extra\tjsonl\t{extra}", f"small\tjsonl\t{source}"]
 
@@ -69,6 +79,24 @@ def test_cli_materialize_run_and_search(quiver_home: Path, tmp_path: Path) -> No
     plain = _run([str(BIN / "quiver"), "search", query, "-k", "2"], quiver_home)
     first_line = plain.stdout.splitlines()[0]
     assert first_line.startswith(" 1. ") and docs[7]["id"] in first_line and "[small]" in first_line
+
+
+def latest_metadata(instance: Any, asset: str, partition: str | None = None) -> dict[str, Any]:
+    from dagster import AssetKey, AssetRecordsFilter
+
+    records = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey(asset), asset_partitions=[partition] if partition else None), limit=1).records
+    return {k: v.value for k, v in records[0].event_log_entry.asset_materialization.metadata.items()}
+
+
+def test_cli_reports_bad_run_config(quiver_home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ops: [unclosed\n")
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home)}
+    proc = subprocess.run([str(BIN / "quiver"), "run", "--config", str(bad)], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"quiver: {bad}: not valid YAML")
 
 
 def test_cli_reports_unknown_source(quiver_home: Path) -> None:

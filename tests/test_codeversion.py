@@ -58,8 +58,8 @@ def test_editing_the_chunker_changes_chunks_and_downstream_only(project_copy: Pa
 
 def test_editing_a_stage_module_changes_that_stage_and_downstream_only(project_copy: Path) -> None:
     before = _versions(project_copy)
-    _edit(project_copy / "assets" / "embeddings.py", "texts_per_batch: int = Field(default=2048",
-          "texts_per_batch: int = Field(default=1024")
+    _edit(project_copy / "assets" / "embeddings.py", "texts_per_batch: int = Field(default=256",
+          "texts_per_batch: int = Field(default=128")
     after = _versions(project_copy)
     assert {s for s in STAGES if after[s] != before[s]} == {"assets.embeddings", "assets.faiss_index",
                                                            "assets.milvus_collection"}

@@ -104,6 +104,11 @@ def test_acquire_gives_each_worker_its_own_instance() -> None:
     with pool.acquire() as first, pool.acquire() as second:
         assert first is not second
     assert state.available.qsize() == 2
+    # Another configuration of the same model gets instances of its own, never one of these.
+    single = ModelPool(max_seq_length=72, instances=1).loaded()
+    assert len(single.instances) == 1
+    assert single.instances[0].model not in (state.instances[0].model, state.instances[1].model)
+    assert ModelPool(max_seq_length=72, instances=2).loaded() is state
 
 
 def test_cuda_request_without_cuda_is_a_clear_error() -> None:

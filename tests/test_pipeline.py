@@ -50,7 +50,12 @@ def test_end_to_end_cache_and_store_agreement(two_sources: dict[str, Any], insta
     assert chunks_total >= 60
     assert first["embeddings[papers]"]["texts_encoded"] == first["chunks[papers]"]["rows"]
     assert first["faiss_index"]["vectors"] == chunks_total
-    assert first["milvus_collection"]["upserted"] == chunks_total
+    # Each source's vectors went into Milvus as they were embedded; the collection step found nothing to do.
+    for partition in ("papers", "notes"):
+        assert first[f"embeddings[{partition}]"]["milvus_upserted"] == first[f"chunks[{partition}]"]["rows"]
+        assert first[f"embeddings[{partition}]"]["milvus_deleted"] == 0
+    assert first["milvus_collection"]["upserted"] == 0
+    assert first["milvus_collection"]["unchanged"] == chunks_total
     assert first["milvus_collection"]["collection_count"] == chunks_total
     assert first["faiss_index"]["index_type"] == "flat"
 
@@ -96,14 +101,17 @@ def test_changed_source_reembeds_only_that_partition_and_removal_drops_vectors(
 
     papers = ingest(instance, resources, "papers")
     assert metadata(papers, "documents")["cache_hit"] is False
-    assert metadata(papers, "embeddings")["cache_hit"] is False
+    embedded = metadata(papers, "embeddings")
+    assert embedded["cache_hit"] is False
+    assert 1 <= embedded["milvus_upserted"] <= 3  # only the edited document's chunks are rewritten
+    assert embedded["milvus_unchanged"] == embedded["rows"] - embedded["milvus_upserted"]
+    assert embedded["milvus_deleted"] == 0
+    assert embedded["texts_encoded"] == embedded["milvus_upserted"]
     notes = ingest(instance, resources, "notes")
     assert metadata(notes, "embeddings")["cache_hit"] is True
     result = index(instance, resources)
     milvus_meta = metadata(result, "milvus_collection")
-    changed_chunks = milvus_meta["upserted"]
-    assert 1 <= changed_chunks <= 3  # only the edited document's chunks are rewritten
-    assert milvus_meta["deleted"] == 0
+    assert (milvus_meta["upserted"], milvus_meta["deleted"]) == (0, 0)
     expected = metadata(papers, "chunks")["rows"] + metadata(notes, "chunks")["rows"]
     assert expected - first["milvus_collection"]["collection_count"] in (0, 1)  # the edit may add a chunk
     assert milvus_meta["collection_count"] == expected

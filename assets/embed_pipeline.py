@@ -1,0 +1,211 @@
+"""Embed-and-insert for one source partition, as overlapping stages with bounded queues between them.
+
+    read     (reader thread)          chunk batches from the chunks Parquet
+    prepare  (preprocess_workers)     embedding-cache lookup, tokenization of the texts still to encode
+    encode   (embedding_workers)      forward passes, each on an instance acquired from the model pool
+    write    (one thread, in order)   cache fill, the embeddings Parquet, Milvus rows of new or changed vectors
+    insert   (one thread)             Milvus upserts in requests bounded by rows and bytes
+
+so the model never waits for reading, tokenizing or the database. Sync mode runs the same stages one
+batch at a time. Vector ids derive from chunk ids, so every write is an upsert; after the stages, the
+partition's vectors whose chunk no longer exists are deleted. Only this source's vectors are read or
+deleted: other partitions are never touched.
+"""
+
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from quiver.hashing import vector_id, vector_key
+from quiver.stages import PipelineReport, Stage, run_stages
+from resources.embedding_cache import CachedTexts, CacheStats, EmbeddingCache, look_up_texts, store_encoded
+from resources.fileref import ParquetFileWriter
+from resources.model_pool import ModelPool, TokenizedBatch
+from resources.vector_stores import MilvusStore, request_batches, row_bytes, rows_for_milvus
+
+CHUNK_COLUMNS = ["chunk_id", "doc_id", "title", "text", "chunk_hash"]
+
+
+def embeddings_schema(dimension: int) -> pa.Schema:
+    return pa.schema([
+        ("vector_id", pa.int64()),
+        ("chunk_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("chunk_hash", pa.string()),
+        ("vector_key", pa.string()),
+        ("vector", pa.list_(pa.float32(), dimension)),
+    ])
+
+
+def embeddings_batch(chunk_batch: pa.RecordBatch, vectors: np.ndarray, source: str, fingerprint: str,
+                     schema: pa.Schema) -> pa.RecordBatch:
+    chunk_ids = chunk_batch.column("chunk_id").to_pylist()
+    hashes = chunk_batch.column("chunk_hash").to_pylist()
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    return pa.RecordBatch.from_arrays([
+        pa.array([vector_id(source, c) for c in chunk_ids], pa.int64()),
+        chunk_batch.column("chunk_id"),
+        chunk_batch.column("doc_id"),
+        pa.array([source] * len(chunk_ids), pa.string()),
+        chunk_batch.column("title"),
+        chunk_batch.column("text"),
+        chunk_batch.column("chunk_hash"),
+        pa.array([vector_key(fingerprint, h) for h in hashes], pa.string()),
+        pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+    ], schema=schema)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    mode: Literal["async", "sync"] = "async"
+    preprocess_workers: int = 1
+    embedding_workers: int = 1
+    queue_maxsize: int = 4
+    insert_batch_size: int = 512
+
+
+@dataclass
+class _Prepared:
+    batch: pa.RecordBatch
+    looked_up: CachedTexts
+    tokenized: list[TokenizedBatch]
+
+
+@dataclass
+class _Encoded:
+    batch: pa.RecordBatch
+    looked_up: CachedTexts
+    fresh: np.ndarray
+
+
+@dataclass
+class PartitionVectors:
+    """What embedding one partition did."""
+
+    rows: int = 0
+    upserted: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    report: PipelineReport | None = None
+    seen: set[int] = field(default_factory=set)
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"milvus_upserted": self.upserted, "milvus_unchanged": self.unchanged,
+                "milvus_deleted": self.deleted, **(self.report.as_metadata() if self.report else {})}
+
+
+class _Writer:
+    """The write stage: runs in one thread, in chunk order, so the Parquet file is deterministic."""
+
+    def __init__(self, partition: str, fingerprint: str, dimension: int, writer: ParquetFileWriter,
+                 cache: EmbeddingCache | None, stats: CacheStats, existing: dict[int, str] | None,
+                 insert_rows: int, insert_bytes: int, progress: Callable[[int], None], result: PartitionVectors
+                 ) -> None:
+        self.partition, self.fingerprint, self.dimension = partition, fingerprint, dimension
+        self.writer, self.cache, self.stats, self.existing = writer, cache, stats, existing
+        self.insert_rows, self.insert_bytes = insert_rows, insert_bytes
+        self.progress, self.result = progress, result
+        self.pending: list[dict[str, Any]] = []
+        self.pending_bytes = 0
+
+    def __call__(self, item: _Encoded) -> list[list[dict[str, Any]]]:
+        store_encoded(self.cache, self.fingerprint, self.dimension, item.looked_up, item.fresh, self.stats)
+        vectors = item.looked_up.complete(item.fresh, self.dimension)
+        batch = embeddings_batch(item.batch, vectors, self.partition, self.fingerprint, self.writer.schema)
+        self.writer.write_batch(batch)
+        self.result.rows += batch.num_rows
+        self.progress(batch.num_rows)
+        if self.existing is None:
+            return []
+        ids = batch.column("vector_id").to_pylist()
+        keys = batch.column("vector_key").to_pylist()
+        self.result.seen.update(ids)
+        changed = [i for i, (vid, key) in enumerate(zip(ids, keys, strict=True)) if self.existing.get(vid) != key]
+        self.result.unchanged += len(ids) - len(changed)
+        if changed:
+            for row in rows_for_milvus(batch.take(changed)):
+                self.pending.append(row)
+                self.pending_bytes += row_bytes(row)
+        if len(self.pending) >= self.insert_rows or self.pending_bytes >= self.insert_bytes:
+            return self.finish() or []
+        return []
+
+    def finish(self) -> list[list[dict[str, Any]]] | None:
+        """Whatever rows wait, as insert requests."""
+        if not self.pending:
+            return None
+        requests = list(request_batches(self.pending, self.insert_rows, self.insert_bytes))
+        self.pending, self.pending_bytes = [], 0
+        return requests
+
+
+def embed_partition_vectors(
+    chunk_batches: Iterable[pa.RecordBatch],
+    partition: str,
+    total_rows: int,
+    *,
+    pool: ModelPool,
+    cache: EmbeddingCache | None,
+    stats: CacheStats,
+    writer: ParquetFileWriter,
+    milvus: MilvusStore | None,
+    settings: PipelineSettings,
+    on_progress: Callable[[int, PartitionVectors], None] | None = None,
+) -> PartitionVectors:
+    """Embeds a partition's chunks into `writer` and, when milvus is given, makes the partition's vectors in
+    Milvus exactly the current ones."""
+    state = pool.state()
+    fingerprint, dimension = state.fingerprint, state.dimension
+    result = PartitionVectors()
+    existing: dict[int, str] | None = None
+    if milvus is not None:
+        milvus.ensure_collection(dimension)
+        existing = milvus.existing_keys(source=partition)
+    stats_lock = threading.Lock()
+    bar = tqdm(total=total_rows, desc=f"embeddings[{partition}]", unit="chunk", disable=not sys.stderr.isatty(),
+               file=sys.stderr)
+
+    def prepare(batch: pa.RecordBatch) -> _Prepared:
+        own = CacheStats()
+        looked_up = look_up_texts(cache, fingerprint, dimension, batch.column("text").to_pylist(), own)
+        with stats_lock:
+            stats.add(own)
+        return _Prepared(batch, looked_up, pool.tokenize(looked_up.texts_to_encode()))
+
+    def encode(item: _Prepared) -> _Encoded:
+        return _Encoded(item.batch, item.looked_up, pool.forward(item.tokenized, len(item.looked_up.to_encode)))
+
+    def insert(requests: list[list[dict[str, Any]]]) -> int:
+        assert milvus is not None
+        written = sum(milvus.upsert_rows(rows) for rows in requests)
+        result.upserted += written
+        return written
+
+    write = _Writer(partition, fingerprint, dimension, writer, cache, stats, existing,
+                    settings.insert_batch_size, milvus.max_request_bytes if milvus else 0, bar.update, result)
+    stages = [
+        Stage("prepare", prepare, workers=settings.preprocess_workers),
+        Stage("encode", encode, workers=settings.embedding_workers),
+        Stage("write", write, ordered=True, finish=write.finish),
+    ]
+    if milvus is not None:
+        stages.append(Stage("insert", insert))
+    try:
+        result.report = run_stages(
+            chunk_batches, stages, mode=settings.mode, queue_maxsize=settings.queue_maxsize,
+            on_progress=(lambda _items: on_progress(result.rows, result)) if on_progress else None,
+            thread_prefix=f"quiver-embed-{partition}")
+    finally:
+        bar.close()
+    if milvus is not None and existing is not None:
+        result.deleted = milvus.delete_ids(vid for vid in existing if vid not in result.seen)
+    return result

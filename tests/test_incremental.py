@@ -1,0 +1,338 @@
+"""Exact incremental re-indexing on real parts: random edit cycles, a step killed mid-insert, a failing
+encoder, and async against sync."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from dagster import DagsterInstance
+
+from assets.embed_pipeline import PipelineSettings, embed_partition_vectors, embeddings_schema
+from quiver.hashing import vector_id, vector_key
+from resources.embedding_cache import CacheStats
+from resources.model_pool import ModelPool
+from resources.vector_stores import close_milvus_clients
+from tests.conftest import PROJECT
+from tests.helpers import add_source, check_results, index, ingest, metadata, scifact_docs, write_jsonl
+
+SMALL_CHUNKS = {"ops": {"chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}}}
+CHECKS = ("faiss_index_matches_chunks", "milvus_collection_matches_chunks")
+
+
+def _corpus(n: int, start: int = 0, chars: int = 450) -> list[dict[str, Any]]:
+    return [{**d, "text": d["text"][:chars]} for d in scifact_docs(n, start)]
+
+
+def _chunk_rows(resources: dict[str, Any], source: str) -> dict[int, tuple[str, str, str]]:
+    """{vector id: (doc id, chunk id, vector key)} the chunks asset says the source has now."""
+    store = resources["store"]
+    fingerprint = resources["model_pool"].fingerprint()
+    ref = store.read_latest(["chunks"], source)
+    table = store.read_table(ref, columns=["chunk_id", "doc_id", "chunk_hash", "text"])
+    return {vector_id(source, c): (d, c, vector_key(fingerprint, h))
+            for c, d, h in zip(*(table.column(n).to_pylist() for n in ("chunk_id", "doc_id", "chunk_hash")),
+                               strict=True)}
+
+
+def _milvus_rows(resources: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    milvus = resources["milvus"]
+    rows = milvus.loaded_client().query(milvus.collection, filter="id >= 0",
+                                        output_fields=["id", "source", "doc_id", "vector_key", "vector"])
+    found = {int(r["id"]): r for r in rows}
+    assert len(found) == len(rows) == milvus.count(), "Milvus holds an id twice"
+    return found
+
+
+def _assert_exact(resources: dict[str, Any], docs: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Both stores hold one vector per current chunk, with the current content, and nothing else."""
+    expected: dict[int, tuple[str, str, str]] = {}
+    for source in docs:
+        expected.update(_chunk_rows(resources, source))
+    milvus = _milvus_rows(resources)
+    assert set(milvus) == set(expected)
+    assert {vid: r["vector_key"] for vid, r in milvus.items()} == {vid: e[2] for vid, e in expected.items()}
+    for source, source_docs in docs.items():  # what the test itself knows exists, independent of the pipeline
+        assert {r["doc_id"] for r in milvus.values() if r["source"] == source} == set(source_docs)
+    version = resources["faiss_store"].open_current()
+    faiss_ids = [int(v) for v in __import__("faiss").vector_to_array(version.index.id_map)]
+    assert sorted(faiss_ids) == sorted(expected)
+    assert dict(zip(version.payload.column("vector_id").to_pylist(), version.payload.column("vector_key").to_pylist(),
+                    strict=True)) == {vid: e[2] for vid, e in expected.items()}
+
+
+def test_random_edit_cycles_keep_faiss_and_milvus_exact(tmp_path: Path, instance: Any,
+                                                         resources: dict[str, Any]) -> None:
+    rng = random.Random(20261123)
+    pool = _corpus(140)
+    spare = iter(pool[60:])
+    docs = {name: {d["id"]: d for d in pool[i * 20:(i + 1) * 20]} for i, name in enumerate(("alpha", "beta", "gamma"))}
+    files = {name: tmp_path / f"{name}.jsonl" for name in docs}
+    indexed: dict[str, dict[int, tuple[str, str, str]]] = {}  # what each source's vectors should be in Milvus
+
+    def ingest_source(name: str) -> dict[str, Any]:
+        write_jsonl(files[name], list(docs[name].values()))
+        before = indexed.get(name, {})
+        meta = metadata(ingest(instance, resources, name, run_config=SMALL_CHUNKS), "embeddings")
+        after = indexed[name] = _chunk_rows(resources, name)
+        assert meta["milvus_deleted"] == len(set(before) - set(after)), name
+        assert meta["milvus_upserted"] == sum(1 for vid, row in after.items() if before.get(vid) != row), name
+        assert meta["milvus_upserted"] + meta["milvus_unchanged"] == meta["rows"] == len(after)
+        return meta
+
+    def index_and_check() -> dict[str, Any]:
+        result = index(instance, resources, run_config={"ops": {"faiss_index": {"config": {
+            "rebuild_after_fraction": 0.5}}}})
+        checks = check_results(result)
+        assert {name: checks[name].passed for name in CHECKS} == dict.fromkeys(CHECKS, True)
+        _assert_exact(resources, docs)
+        return metadata(result, "faiss_index")
+
+    for name in docs:
+        add_source(instance, resources, name, files[name])
+        write_jsonl(files[name], list(docs[name].values()))
+        ingest_source(name)
+    modes = [index_and_check()["mode"]]
+
+    for cycle in range(1, 5):
+        if cycle == 3:  # a whole source disappears
+            resources["sources"].remove("gamma")
+            instance.delete_dynamic_partition("sources", "gamma")
+            del docs["gamma"], indexed["gamma"]
+            modes.append(index_and_check()["mode"])
+            continue
+        if cycle == 4:  # and comes back with other documents
+            docs["gamma"] = {d["id"]: d for d in (next(spare) for _ in range(6))}
+            add_source(instance, resources, "gamma", files["gamma"])
+        changed_doc = None
+        for name in sorted(docs):
+            ids = sorted(docs[name])
+            for doc_id in rng.sample(ids, 2):  # longer or shorter: the number of chunks changes
+                doc = docs[name][doc_id]
+                cut = rng.choice([len(doc["text"]) // 3, len(doc["text"])])
+                docs[name][doc_id] = {**doc, "text": doc["text"][:cut] + f" Revision {cycle} of {doc_id}."}
+                changed_doc = (name, doc_id)
+            del docs[name][rng.choice(sorted(set(docs[name]) - {changed_doc[1]}))]
+            new = next(spare)
+            docs[name][new["id"]] = new
+            meta = ingest_source(name)
+            assert meta["cache_hit"] is False and meta["milvus_upserted"] >= 1
+        modes.append(index_and_check()["mode"])
+
+        # The stored vector of an edited document is the model's vector of its new text, in both stores.
+        name, doc_id = changed_doc
+        chunk = next(row for row in _chunk_rows(resources, name).items() if row[1][1] == f"{doc_id}#0")
+        text = resources["store"].read_table(resources["store"].read_latest(["chunks"], name),
+                                             columns=["chunk_id", "text"]).to_pylist()
+        chunk_text = next(r["text"] for r in text if r["chunk_id"] == f"{doc_id}#0")
+        assert f"Revision {cycle}" in "".join(r["text"] for r in text if r["chunk_id"].startswith(f"{doc_id}#"))
+        want = resources["model_pool"].encode([chunk_text])[0]
+        np.testing.assert_allclose(_milvus_rows(resources)[chunk[0]]["vector"], want, atol=1e-5)
+        np.testing.assert_allclose(resources["faiss_store"].open_current().index.reconstruct(chunk[0]), want,
+                                   atol=1e-5)
+    assert modes[0] == "rebuild" and "incremental" in modes and modes.count("rebuild") >= 2
+
+
+def test_store_drift_is_reported_then_repaired(tmp_path: Path, instance: Any, resources: dict[str, Any]) -> None:
+    """The checks see what a store holds, not what the pipeline believes it wrote."""
+    add_source(instance, resources, "drift", write_jsonl(tmp_path / "d.jsonl", _corpus(8)))
+    ingest(instance, resources, "drift")
+    index(instance, resources)
+    milvus = resources["milvus"]
+    some = sorted(milvus.existing_keys())[:3]
+    milvus.delete_ids(some[:2])
+    row = milvus.loaded_client().query(milvus.collection, filter=f"id == {some[2]}", output_fields=["*"])[0]
+    milvus.upsert_rows([{**row, "vector_key": "0" * 32}])
+    stray = {**row, "id": 12345, "doc_id": "ghost"}
+    milvus.upsert_rows([stray])
+    result = index(instance, resources, run_config={"ops": {"milvus_collection": {"config": {"force": True}}}},
+                   raise_on_error=False)
+    # The collection step repairs the drift; had it not, the blocking check would have failed the run.
+    assert metadata(result, "milvus_collection")["upserted"] == 3
+    assert metadata(result, "milvus_collection")["deleted"] == 1
+    assert check_results(result)["milvus_collection_matches_chunks"].passed
+    # Drift introduced after the last write is what the check reports, with the numbers.
+    expected = milvus.count()
+    milvus.delete_ids(some[:1])
+    milvus.upsert_rows([stray])
+    from dagster import AssetCheckKey, AssetKey, AssetSelection, materialize
+
+    from platform_defs.definitions import ALL_ASSETS, ALL_CHECKS
+
+    checks = materialize([*ALL_ASSETS, *ALL_CHECKS], instance=instance, resources=resources, raise_on_error=False,
+                         selection=AssetSelection.checks(AssetCheckKey(AssetKey("milvus_collection"),
+                                                                       "milvus_collection_matches_chunks")))
+    evaluation = check_results(checks)["milvus_collection_matches_chunks"]
+    assert not evaluation.passed
+    assert evaluation.description == (f"Milvus: 1 missing, 1 stale, 0 out of date, 0 duplicated "
+                                      f"(holds {expected}, expected {expected})")
+    assert evaluation.metadata["examples"].value["missing"] == [some[0]]
+    assert evaluation.metadata["examples"].value["stale"] == [12345]
+
+
+def _wal_bytes(milvus_db: Path) -> int:
+    wal = milvus_db / "collections" / "quiver_chunks" / "wal"
+    return sum(f.stat().st_size for f in wal.rglob("*") if f.is_file()) if wal.exists() else 0
+
+
+def _step_processes(root: psutil.Process) -> list[psutil.Process]:
+    """The processes a forkserver forked for steps (not the forkserver itself)."""
+    found = []
+    for proc in root.children(recursive=True):
+        try:
+            if "multiprocessing.forkserver" in " ".join(proc.parent().cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_step_killed_mid_insert_then_rerun_ends_exact(quiver_home: Path, tmp_path: Path, instance: Any,
+                                                      resources: dict[str, Any]) -> None:
+    first = _corpus(70, chars=600)
+    source = write_jsonl(tmp_path / "big.jsonl", first)
+    add_source(instance, resources, "big", source)
+    ingest(instance, resources, "big", run_config=SMALL_CHUNKS)
+    index(instance, resources)
+    # Every document changes, some go, some come: the next run has many vectors to replace and delete.
+    second = [{**d, "text": "Updated abstract. " + d["text"][::-1][:400]} for d in first[10:]] + _corpus(10, 200)
+    write_jsonl(source, second)
+    from dagster import materialize
+
+    from platform_defs.definitions import ALL_ASSETS
+
+    materialize(ALL_ASSETS, instance=instance, resources=resources, partition_key="big",
+                selection=["documents", "chunks"], run_config=SMALL_CHUNKS)
+    close_milvus_clients()  # Milvus Lite admits one process: the step's
+
+    milvus_db = Path(resources["milvus"].uri)
+    wal_before = _wal_bytes(milvus_db)
+    config = tmp_path / "kill.yaml"
+    config.write_text(json.dumps({"ops": {"embeddings": {"config": {"insert_batch_size": 4, "texts_per_batch": 8}}},
+                                  "resources": {"embedding_cache": {"config": {"l3_enabled": False}}}}))
+    command = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "platform_defs",
+               "--select", "embeddings", "--partition", "big", "-c", str(config)]
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home)}
+    proc = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
+    reader.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _wal_bytes(milvus_db) > wal_before:  # the step has begun upserting
+            steps = _step_processes(psutil.Process(proc.pid))
+            if steps:
+                killed = steps[0].pid
+                os.kill(killed, 9)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    assert killed is not None, "the step never started inserting:\n" + "".join(stderr)[-3000:]
+    assert proc.returncode != 0
+
+    # The kill left Milvus between the old and the new state: the check must say so.
+    from platform_defs.resources import build_resources
+
+    resources = build_resources(resolve_env=True)
+    held = resources["milvus"].existing_keys(source="big")
+    new_rows = _chunk_rows(resources, "big")
+    replaced = sum(1 for vid, row in new_rows.items() if held.get(vid) == row[2])
+    assert 0 < replaced < len(new_rows), (replaced, len(new_rows))
+    assert set(held) - set(new_rows), "the stale vectors were not deleted yet: the kill came mid-insert"
+    close_milvus_clients()
+
+    # Re-run as a user would, from the command line: the step and the index job end exact.
+    rerun = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    done = subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "platform_defs",
+                           "-j", "index_job"], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with DagsterInstance.get() as inst:
+        from dagster import AssetCheckKey, AssetKey
+
+        for asset, check in (("faiss_index", CHECKS[0]), ("milvus_collection", CHECKS[1])):
+            record = inst.event_log_storage.get_latest_asset_check_execution_by_key(
+                [AssetCheckKey(AssetKey(asset), check)])[AssetCheckKey(AssetKey(asset), check)]
+            assert record.evaluation.passed, check
+    _assert_exact(resources, {"big": {d["id"]: d for d in second}})
+
+
+def test_encoder_error_stops_the_inserter_and_surfaces(tmp_path: Path, resources: dict[str, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pool: ModelPool = resources["model_pool"]
+    store, milvus = resources["store"], resources["milvus"]
+    texts = [f"document {i} about protein folding and cell biology" for i in range(200)]
+    import pyarrow as pa
+
+    chunks = pa.table({"chunk_id": [f"d{i}#0" for i in range(200)], "doc_id": [f"d{i}" for i in range(200)],
+                       "title": [""] * 200, "text": texts, "chunk_hash": [str(i) for i in range(200)]})
+    calls = {"n": 0}
+    real_forward = ModelPool.forward
+
+    class DeviceLost(RuntimeError):
+        pass
+
+    def failing_forward(self: ModelPool, batches: Any, rows: int) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise DeviceLost("the accelerator went away during batch 4")
+        return real_forward(self, batches, rows)
+
+    monkeypatch.setattr(ModelPool, "forward", failing_forward)
+    with pytest.raises(DeviceLost, match="during batch 4"):
+        with store.parquet_writer(["embeddings"], "failing", embeddings_schema(pool.dimension())) as writer:
+            embed_partition_vectors(chunks.to_batches(max_chunksize=10), "failing", 200, pool=pool, cache=None,
+                                    stats=CacheStats(), writer=writer, milvus=milvus,
+                                    settings=PipelineSettings(insert_batch_size=5, queue_maxsize=2))
+    assert calls["n"] == 4  # nothing was encoded after the failure
+    assert [t.name for t in threading.enumerate() if t.name.startswith("quiver-embed-")] == []
+    assert milvus.count() <= 30  # at most the three batches encoded before the error were inserted
+    assert not list((Path(store.root) / "embeddings" / "failing").glob("*.parquet"))  # no half-written file
+
+
+def test_async_and_sync_modes_write_identical_stores(
+    tmp_path: Path, quiver_home: Path, instance: Any, resources: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs = _corpus(24, chars=700)
+    source = write_jsonl(tmp_path / "same.jsonl", docs)
+    stores = {}
+    for mode in ("sync", "async"):
+        home = tmp_path / f"home-{mode}"
+        home.mkdir()
+        (home / "dagster.yaml").write_text((quiver_home / "dagster.yaml").read_text())
+        monkeypatch.setenv("DAGSTER_HOME", str(home))
+        close_milvus_clients()
+        from platform_defs.resources import build_resources
+
+        res = build_resources(resolve_env=True)
+        with DagsterInstance.get() as inst:
+            add_source(inst, res, "same", source)
+            config = {"ops": {"embeddings": {"config": {"mode": mode, "texts_per_batch": 16,
+                                                        "preprocess_workers": 2, "insert_batch_size": 7}}},
+                      "resources": {"embedding_cache": {"config": {"l1_enabled": False, "l3_enabled": False}}}}
+            meta = metadata(ingest(inst, res, "same", run_config=config), "embeddings")
+            assert meta["pipeline_mode"] == mode and meta["texts_encoded"] == meta["rows"]
+            index(inst, res)
+        table = res["store"].read_table(res["store"].read_latest(["embeddings"], "same"))
+        stores[mode] = {
+            "parquet_sha": res["store"].read_latest(["embeddings"], "same").sha256,
+            "parquet": table.to_pylist(),
+            "milvus": sorted((vid, r["vector_key"], tuple(r["vector"])) for vid, r in _milvus_rows(res).items()),
+            "faiss": res["faiss_store"].open_current().manifest["content_hash"],
+        }
+    assert stores["sync"]["parquet"] == stores["async"]["parquet"]  # vectors too, bit for bit
+    assert stores["sync"]["parquet_sha"] == stores["async"]["parquet_sha"]
+    assert stores["sync"]["milvus"] == stores["async"]["milvus"]
+    assert stores["sync"]["faiss"] == stores["async"]["faiss"]
+    assert len(stores["sync"]["milvus"]) == len(stores["sync"]["parquet"]) >= 24
