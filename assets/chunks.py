@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from dagster import AssetExecutionContext, Config, Output
@@ -20,6 +20,7 @@ from assets.common import (
 from quiver.chunking import Chunk, ChunkSettings, chunk_documents
 from resources.fileref import FileRef, FileStore
 from resources.model_pool import ModelPool
+from resources.sources import SourceRegistry
 
 CODE_VERSION = stage_code_version(__name__)
 DOCS_PER_BATCH = 512
@@ -38,14 +39,18 @@ CHUNKS_SCHEMA = pa.schema([
 
 
 class ChunksConfig(Config):
+    strategy: Literal["source", "tokens", "whole_document"] = Field(
+        default="source", description="source: the strategy the source was registered with (tokens unless said); "
+        "tokens: windows that fit the model; whole_document: title + text, truncated by the model (as MTEB).")
     chunk_tokens: int = Field(default=256, description="Tokens per chunk, special tokens and title included.")
     overlap_tokens: int = Field(default=32, description="Tokens shared by consecutive chunks of a document.")
     include_title: bool = Field(default=True, description="Prefix each chunk with its document's title.")
     force: bool = False
 
-    def settings(self) -> ChunkSettings:
-        return ChunkSettings(chunk_tokens=self.chunk_tokens, overlap_tokens=self.overlap_tokens,
-                             include_title=self.include_title)
+    def settings(self, source_strategy: str) -> ChunkSettings:
+        strategy = source_strategy if self.strategy == "source" else self.strategy
+        return ChunkSettings(strategy=strategy, chunk_tokens=self.chunk_tokens,  # type: ignore[arg-type]
+                             overlap_tokens=self.overlap_tokens, include_title=self.include_title)
 
 
 def chunks_to_batch(chunks: list[Chunk]) -> pa.RecordBatch:
@@ -53,8 +58,8 @@ def chunks_to_batch(chunks: list[Chunk]) -> pa.RecordBatch:
 
 
 def chunk_partition(context: AssetExecutionContext, partition: str, documents: FileRef, config: ChunksConfig,
-                    store: FileStore, model_pool: ModelPool) -> PartitionResult:
-    settings = config.settings()
+                    store: FileStore, model_pool: ModelPool, sources: SourceRegistry) -> PartitionResult:
+    settings = config.settings(sources.get(partition).chunking)
     key = stage_cache_key("chunks", partition, CODE_VERSION, {"documents": documents.sha256},
                           {**asdict(settings), "tokenizer": model_pool.fingerprint()})
     cached = None if config.force else store.cached_fileref(["chunks"], partition, key)
@@ -62,19 +67,24 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
         context.log.info(f"chunks[{partition}]: cache hit {key}")
         return PartitionResult(cached, True, key)
     tokenizer = model_pool.tokenizer()
+    window = model_pool.window_tokens()
     tokens = 0
+    over_window = 0
     with store.parquet_writer(["chunks"], partition, CHUNKS_SCHEMA) as writer:
         for batch in store.iter_batches(documents, DOCS_PER_BATCH, columns=["doc_id", "title", "text"]):
             docs = list(zip(*(batch.column(c).to_pylist() for c in ("doc_id", "title", "text")), strict=True))
             produced = chunk_documents(tokenizer, docs, settings)
             tokens += sum(c.n_tokens for c in produced)
+            over_window += sum(c.n_tokens > window for c in produced)
             writer.write_batch(chunks_to_batch(produced))
     assert writer.ref is not None
     store.remember_fileref(["chunks"], partition, key, writer.ref)
     context.log.info(f"chunks[{partition}]: {documents.rows} documents -> {writer.ref.rows} chunks")
     return PartitionResult(writer.ref, False, key, {
-        "documents": documents.rows, "chunks": writer.ref.rows, "tokens": tokens,
+        "documents": documents.rows, "chunks": writer.ref.rows, "tokens": tokens, "strategy": settings.strategy,
         "chunk_tokens": settings.chunk_tokens, "overlap_tokens": settings.overlap_tokens,
+        # whole_document: these documents are cut by the model at its window
+        "chunks_longer_than_model_window": over_window, "model_window_tokens": window,
     })
 
 
@@ -86,9 +96,10 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
 )
 def chunks(
     context: AssetExecutionContext, config: ChunksConfig, documents: Any, store: FileStore, model_pool: ModelPool,
+    sources: SourceRegistry,
 ) -> Output[Any]:
     started = time.perf_counter()
     upstream = refs_by_partition(documents, partitions_in_run(context))
-    results = {p: chunk_partition(context, p, upstream[p], config, store, model_pool)
+    results = {p: chunk_partition(context, p, upstream[p], config, store, model_pool, sources)
                for p in partitions_in_run(context)}
     return partitioned_output(started, results)

@@ -20,6 +20,7 @@ from dagster import (
     DynamicPartitionsDefinition,
     MetadataValue,
     Output,
+    PreviewWarning,
     asset,
 )
 
@@ -29,6 +30,8 @@ from resources.fileref import FileRef
 
 # Output(data_version=...) is how a materialization carries its content hash; it is beta in 1.13.
 warnings.filterwarnings("ignore", category=BetaWarning)
+# Asset checks partitioned like their asset (one verdict per source) are a preview feature in 1.13.
+warnings.filterwarnings("ignore", category=PreviewWarning)
 
 sources_partitions = DynamicPartitionsDefinition(name="sources")
 # A backfill over many sources runs once, so the model is loaded once for all of them.
@@ -46,6 +49,7 @@ STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
     "assets.embeddings": ("assets.chunks",),
     "assets.faiss_index": ("assets.embeddings",),
     "assets.milvus_collection": ("assets.embeddings",),
+    "assets.retrieval_eval": ("assets.faiss_index", "assets.milvus_collection"),
 }
 
 

@@ -7,18 +7,25 @@ from assets.documents import documents
 from assets.embeddings import embeddings
 from assets.faiss_index import faiss_index, faiss_index_matches_chunks
 from assets.milvus_collection import milvus_collection, milvus_collection_matches_chunks
+from assets.retrieval_eval import (
+    faiss_and_milvus_agree,
+    ndcg_at_10_above_floor,
+    results_are_corpus_documents,
+    retrieval_eval,
+)
 from platform_defs.executor import quiver_executor
-from platform_defs.jobs import index_job, ingest_job
+from platform_defs.jobs import eval_job, index_job, ingest_job
 from platform_defs.resources import build_resources
 
-ALL_ASSETS = [documents, chunks, embeddings, faiss_index, milvus_collection]
-ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks]
+ALL_ASSETS = [documents, chunks, embeddings, faiss_index, milvus_collection, retrieval_eval]
+ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks, ndcg_at_10_above_floor,
+              faiss_and_milvus_agree, results_are_corpus_documents]
 
 
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[ingest_job, index_job],
+    jobs=[ingest_job, index_job, eval_job],
     resources=build_resources(),
     executor=quiver_executor(preload_model=True),
 )
@@ -30,3 +37,7 @@ def get_ingest_job():  # noqa: ANN201 - module-level factories for dagster.recon
 
 def get_index_job():  # noqa: ANN201
     return defs.resolve_job_def("index_job")
+
+
+def get_eval_job():  # noqa: ANN201
+    return defs.resolve_job_def("eval_job")

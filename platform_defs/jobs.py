@@ -6,6 +6,7 @@ from platform_defs.executor import quiver_executor
 
 INGEST_ASSETS = ("documents", "chunks", "embeddings")
 INDEX_ASSETS = ("faiss_index", "milvus_collection")
+EVAL_ASSETS = ("retrieval_eval",)
 
 ingest_job = define_asset_job(
     "ingest_job",
@@ -18,5 +19,13 @@ index_job = define_asset_job(
     selection=AssetSelection.assets(*INDEX_ASSETS),
     description="Bring the FAISS index and the Milvus collection up to date with every source.",
     # No step of this job encodes texts: its forkserver skips the model preload.
+    executor_def=quiver_executor(preload_model=False),
+)
+
+eval_job = define_asset_job(
+    "eval_job",
+    selection=AssetSelection.assets(*EVAL_ASSETS),
+    description="Retrieval quality of both indexes on a BEIR source (a partition), with its checks.",
+    # Queries are few: the model loads in the step, no forkserver preload is needed.
     executor_def=quiver_executor(preload_model=False),
 )

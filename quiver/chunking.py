@@ -6,7 +6,7 @@ is prefixed with its document's title, which is counted in the token budget.
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from quiver.hashing import chunk_id, sha256_text
 
@@ -15,8 +15,15 @@ class Tokenizer(Protocol):
     def __call__(self, texts: list[str], **kwargs: Any) -> Any: ...
 
 
+Strategy = Literal["tokens", "whole_document"]
+STRATEGIES: tuple[str, ...] = ("tokens", "whole_document")
+
+
 @dataclass(frozen=True)
 class ChunkSettings:
+    # tokens: windows that fit the model. whole_document: one chunk per document, title + " " + text, left
+    # for the model to truncate, as MTEB encodes BEIR corpora (to reproduce published figures).
+    strategy: Strategy = "tokens"
     # Total tokens of one chunk including the special tokens the model adds: 256 fits all-MiniLM-L6-v2.
     chunk_tokens: int = 256
     overlap_tokens: int = 32
@@ -25,6 +32,8 @@ class ChunkSettings:
     special_tokens: int = 2  # [CLS] and [SEP]
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
         if self.chunk_tokens <= self.special_tokens + self.max_title_tokens + 8:
             raise ValueError(f"chunk_tokens={self.chunk_tokens} leaves no room for text")
         if not 0 <= self.overlap_tokens < self.chunk_tokens // 2:
@@ -72,6 +81,8 @@ def chunk_documents(
     """Chunks of (doc_id, title, text) documents; tokenizes the whole batch in one call."""
     if not docs:
         return []
+    if settings.strategy == "whole_document":
+        return whole_document_chunks(tokenizer, docs, settings)
     bodies = tokenizer([text for _, _, text in docs], add_special_tokens=False,
                        return_offsets_mapping=True, truncation=False)
     titles = tokenizer([title for _, title, _ in docs], add_special_tokens=False, truncation=False)
@@ -99,3 +110,15 @@ def chunk_documents(
                 end_char=end_char,
             ))
     return chunks
+
+
+def whole_document_chunks(tokenizer: Tokenizer, docs: Sequence[tuple[str, str, str]],
+                          settings: ChunkSettings) -> list[Chunk]:
+    """One chunk per document; n_tokens is the document's full length, which may exceed the model's window."""
+    texts = [f"{title} {text}" if title and settings.include_title else text for _, title, text in docs]
+    lengths = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    return [
+        Chunk(chunk_id=chunk_id(doc_id, 0), doc_id=doc_id, position=0, title=title, text=embedded,
+              chunk_hash=sha256_text(embedded), n_tokens=len(ids), start_char=0, end_char=len(text))
+        for (doc_id, title, text), embedded, ids in zip(docs, texts, lengths, strict=True)
+    ]

@@ -115,7 +115,7 @@ def _print_summary(res: dict[str, Any]) -> None:
 def cmd_source(args: argparse.Namespace) -> int:
     registry = _resources()["sources"]
     if args.action == "add":
-        spec = registry.add(args.name, args.path, args.kind)
+        spec = registry.add(args.name, args.path, args.kind, args.chunking)
         _add_partition(spec.name)
         print(f"added source {spec.name!r}: {spec.kind} at {spec.path}")
     elif args.action == "remove":
@@ -184,6 +184,96 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Ingest and index the BEIR source if needed, then evaluate it: the same Dagster jobs as the UI runs."""
+    from dagster import DagsterInstance, execute_job, reconstructable
+    from upath import UPath
+
+    from platform_defs.definitions import get_eval_job, get_index_job, get_ingest_job
+    from quiver.beir import has_relevance_data
+    from quiver.errors import ConfigError
+
+    path = str(UPath(args.path).absolute())
+    if not has_relevance_data(path, args.split):
+        raise ConfigError(f"{path} is not a BEIR-format directory: it needs corpus.jsonl (or .gz), queries.jsonl "
+                          f"and qrels/{args.split}.tsv")
+    name = args.name or UPath(path).name + ("-whole" if args.chunking == "whole_document" else "")
+    res = _resources()
+    res["sources"].add(name, path, "beir", args.chunking)
+    _add_partition(name)
+    instance = DagsterInstance.get()
+    logging = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+    steps = [("ingesting", get_ingest_job, {"dagster/partition": name}, {}),
+             ("indexing", get_index_job, {}, {}),
+             ("evaluating", get_eval_job, {"dagster/partition": name}, {"ops": eval_ops_config(args)})]
+    result = None
+    for what, job, tags, config in steps:
+        if not args.json:
+            print(f"==> {what} {name!r}", file=sys.stderr, flush=True)
+        result = execute_job(reconstructable(job), instance=instance, tags=tags, run_config={**logging, **config})
+        if not result.success and what != "evaluating":
+            print(f"!! {what} failed: {_failure_message(result)}", file=sys.stderr)
+            return 1
+    assert result is not None
+    report = eval_report(result)
+    if report is None:
+        print(f"!! evaluation failed: {_failure_message(result)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_eval_report(name, report))
+    return 0 if result.success and all(c["passed"] for c in report["checks"].values()) else 1
+
+
+def eval_ops_config(args: argparse.Namespace) -> dict[str, Any]:
+    ops: dict[str, Any] = {"retrieval_eval": {"config": {"split": args.split, "aggregation": args.aggregation,
+                                                         "stores": args.store}}}
+    if args.ndcg_floor is not None:
+        ops["retrieval_eval_ndcg_at_10_above_floor"] = {"config": {"floor": args.ndcg_floor}}
+    return ops
+
+
+def eval_report(result: Any) -> dict[str, Any] | None:
+    """The evaluation's figures and check verdicts, from the run's events."""
+    report: dict[str, Any] | None = None
+    checks: dict[str, dict[str, Any]] = {}
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_MATERIALIZATION":
+            meta = {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
+            stores = [s for s in ("faiss", "milvus") if f"{s}_ndcg@10" in meta]
+            report = {
+                "queries": meta["queries"], "chunking": meta["chunking"], "aggregation": meta["aggregation"],
+                "stores": {s: {"ndcg@10": meta[f"{s}_ndcg@10"], "recall@100": meta[f"{s}_recall@100"],
+                               "mrr@10": meta[f"{s}_mrr@10"], "index_type": meta[f"{s}_index_type"]} for s in stores},
+                "faiss_milvus_top10_agreement": meta.get("faiss_milvus_top10_agreement"),
+                "queries_worse_than_previous": meta["queries_worse_than_previous"], "per_query": meta["path"],
+            }
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            checks[evaluation.check_name] = {"passed": evaluation.passed, "description": evaluation.description}
+    if report is not None:
+        report["checks"] = checks
+    return report
+
+
+def format_eval_report(name: str, report: dict[str, Any]) -> str:
+    rows = [["store", "index", "nDCG@10", "Recall@100", "MRR@10", "queries"]]
+    for store, figures in report["stores"].items():
+        rows.append([store, str(figures["index_type"]), f"{figures['ndcg@10']:.5f}", f"{figures['recall@100']:.5f}",
+                     f"{figures['mrr@10']:.5f}", str(report["queries"])])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"Retrieval quality of {name!r} ({report['chunking']} chunking, {report['aggregation']} over chunks)", ""]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if report["faiss_milvus_top10_agreement"] is not None:
+        lines.append(f"\nFAISS and Milvus share the top-10 of {report['faiss_milvus_top10_agreement']:.2%} of queries")
+    lines.append(f"{report['queries_worse_than_previous']} queries got worse since the previous evaluation; "
+                 f"per-query scores: {report['per_query']}")
+    for check, verdict in sorted(report["checks"].items()):
+        lines.append(f"{'PASS' if verdict['passed'] else 'FAIL'}  {check}: {verdict['description']}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quiver", description="Documents to fresh vector indexes, on Dagster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("path")
     add.add_argument("--kind", choices=["stdlib", "files", "jsonl", "parquet", "beir"])
+    add.add_argument("--chunking", choices=["tokens", "whole_document"], default="tokens",
+                     help="tokens: windows that fit the model (default); whole_document: one chunk per document, "
+                          "truncated by the model, as MTEB encodes BEIR corpora")
     source_sub.add_parser("list")
     remove = source_sub.add_parser("remove")
     remove.add_argument("name")
@@ -213,6 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--store", choices=["faiss", "milvus"], default="faiss")
     srch.add_argument("--json", action="store_true", help="machine-readable output")
     srch.set_defaults(func=cmd_search)
+
+    ev = sub.add_parser("eval", help="retrieval quality of both indexes on a BEIR-format directory")
+    ev.add_argument("path", help="a BEIR directory: corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv")
+    ev.add_argument("--name", help="source name (default: the directory's name, with -whole for whole_document)")
+    ev.add_argument("--chunking", choices=["tokens", "whole_document"], default="tokens")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--aggregation", choices=["max", "sum", "mean"], default="max",
+                    help="how a document's score comes from its chunks (default max)")
+    ev.add_argument("--store", choices=["both", "faiss", "milvus"], default="both")
+    ev.add_argument("--ndcg-floor", type=float, default=None, help="fail when nDCG@10 is below this")
+    ev.add_argument("--json", action="store_true", help="machine-readable output")
+    ev.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -66,7 +66,24 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings) -
     return index, kind
 
 
-def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, vector ids) of the k nearest vectors; ids of -1 pad when the index is small."""
-    k = max(1, min(k, index.ntotal)) if index.ntotal else 1
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+def search_index(index: faiss.Index, queries: np.ndarray, k: int,
+                 only_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, vector ids) of the k nearest vectors, among only_ids when given; ids of -1 pad when fewer
+    vectors qualify."""
+    limit = index.ntotal if only_ids is None else min(index.ntotal, len(only_ids))
+    k = max(1, min(k, limit)) if limit else 1
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if only_ids is None:
+        return index.search(queries, k)
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(only_ids, dtype=np.int64))
+    return index.search(queries, k, params=_search_parameters(index, selector))
+
+
+def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters of the type the index (inside its id map) expects, keeping its own settings."""
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2) else index
+    if isinstance(base, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=base.hnsw.efSearch)
+    if isinstance(base, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=base.nprobe)
+    return faiss.SearchParameters(sel=selector)

@@ -11,6 +11,7 @@ or returns non-finite vectors is health-checked and reloaded, a bounded number o
 
 import copy
 import hashlib
+import json
 import os
 import queue
 import threading
@@ -294,6 +295,17 @@ class ModelPool(ConfigurableResource):
 
     def dimension(self) -> int:
         return self.state().dimension
+
+    def window_tokens(self) -> int:
+        """Tokens the model reads of a text (special tokens included), known without loading its weights."""
+        if self.max_seq_length:
+            return self.max_seq_length
+        config = Path(self.model_path) / "sentence_bert_config.json"
+        if config.is_file():
+            value = json.loads(config.read_text()).get("max_seq_length")
+            if value:
+                return int(value)
+        return self.state().max_seq_length
 
     def tokenizer(self) -> Any:
         """The model's own tokenizer, loaded alone (no weights) and cached per process (preloaded too)."""

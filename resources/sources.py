@@ -8,6 +8,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 from upath import UPath
 
+from quiver.chunking import STRATEGIES
 from quiver.errors import ConfigError
 from quiver.settings import default_storage_root
 from quiver.sources import SOURCE_KINDS, SourceKind, detect_kind
@@ -22,6 +23,7 @@ class SourceSpec:
     name: str
     kind: SourceKind
     path: str
+    chunking: str = "tokens"  # quiver.chunking strategy: tokens, or whole_document
 
 
 class SourceRegistry(ConfigurableResource):
@@ -32,14 +34,16 @@ class SourceRegistry(ConfigurableResource):
     def _file(self, name: str) -> UPath:
         return UPath(self.directory) / f"{name}.json"
 
-    def add(self, name: str, path: str, kind: str | None = None) -> SourceSpec:
+    def add(self, name: str, path: str, kind: str | None = None, chunking: str = "tokens") -> SourceSpec:
         if not SOURCE_NAME.match(name):
             raise ConfigError(f"source name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
         if kind is not None and kind not in SOURCE_KINDS:
             raise ConfigError(f"source kind {kind!r}: use one of {', '.join(SOURCE_KINDS)}")
+        if chunking not in STRATEGIES:
+            raise ConfigError(f"chunking {chunking!r}: use one of {', '.join(STRATEGIES)}")
         if kind != "stdlib" and path != "stdlib" and "://" not in path:
             path = str(UPath(path).absolute())
-        spec = SourceSpec(name, kind or detect_kind(path), path)  # type: ignore[arg-type]
+        spec = SourceSpec(name, kind or detect_kind(path), path, chunking)  # type: ignore[arg-type]
         write_text_atomic(self._file(name), json.dumps(asdict(spec)))
         return spec
 

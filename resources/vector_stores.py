@@ -20,6 +20,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
@@ -32,6 +33,7 @@ from resources.fileref import atomic_replace, write_text_atomic
 
 SNIPPET_CHARS = 2000
 MILVUS_MAX_REQUEST_BYTES = 64 * 2**20  # gRPC message limit of a Milvus server
+MILVUS_MAX_TOPK = 16384
 CURRENT_POINTER = "CURRENT"
 # Columns every vector store keeps beside the vector.
 PAYLOAD_COLUMNS = ("vector_id", "chunk_id", "doc_id", "source", "title", "text", "vector_key")
@@ -65,8 +67,16 @@ class FaissVersion:
     def row_of(self) -> dict[int, int]:
         return {int(v): i for i, v in enumerate(self.payload.column("vector_id").to_numpy())}
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
-        scores, ids = search_index(self.index, queries, k)
+    def ids_of_source(self, source: str) -> np.ndarray:
+        column = self.payload.column("source")
+        return self.payload.column("vector_id").filter(pc.equal(column, source)).to_numpy()
+
+    def search(self, queries: np.ndarray, k: int, source: str | None = None) -> list[list[SearchHit]]:
+        """The k nearest chunks of each query; of one source only when given."""
+        only = None
+        if source is not None and set(self.payload.column("source").unique().to_pylist()) != {source}:
+            only = self.ids_of_source(source)
+        scores, ids = search_index(self.index, queries, k, only)
         columns = {name: self.payload.column(name) for name in PAYLOAD_COLUMNS}
         results = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
@@ -335,6 +345,9 @@ class MilvusStore(ConfigurableResource):
         lite = "://" not in self.uri
         if lite:
             os.makedirs(os.path.dirname(os.path.abspath(self.uri)), exist_ok=True)
+            # The in-process Lite server allows a keepalive ping every 5 minutes only; pymilvus pings every 10 s
+            # and, between inserts of a long embedding run, is sent GOAWAY "too_many_pings" and reconnects.
+            kwargs["grpc_options"] = {"grpc.keepalive_time_ms": 360_000, "grpc.keepalive_permit_without_calls": 0}
         deadline = time.monotonic() + (self.lite_open_timeout_s if lite else 0)
         while True:
             try:
@@ -397,7 +410,7 @@ class MilvusStore(ConfigurableResource):
         if not self.exists():
             return
         client = self.loaded_client()
-        filter_expr = f'source == "{_escape(source)}"' if source is not None else "id >= 0"
+        filter_expr = _source_filter(source) or "id >= 0"
         iterator = client.query_iterator(self.collection, batch_size=4096, filter=filter_expr,
                                          output_fields=["id", "vector_key"])
         try:
@@ -426,14 +439,17 @@ class MilvusStore(ConfigurableResource):
             client.delete(self.collection, ids=ids[start:start + 4096])
         return len(ids)
 
-    def count(self) -> int:
-        result = self.loaded_client().query(self.collection, filter="", output_fields=["count(*)"])
+    def count(self, source: str | None = None) -> int:
+        result = self.loaded_client().query(self.collection, filter=_source_filter(source),
+                                            output_fields=["count(*)"])
         return int(result[0]["count(*)"])
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
+    def search(self, queries: np.ndarray, k: int, source: str | None = None) -> list[list[SearchHit]]:
+        """The k nearest chunks of each query (at most Milvus's limit of 16384); of one source only when given."""
         result = self.loaded_client().search(
-            self.collection, data=[q.tolist() for q in queries], limit=k,
-            output_fields=list(PAYLOAD_COLUMNS[1:6]), search_params={"metric_type": "IP"},
+            self.collection, data=[q.tolist() for q in queries], limit=min(k, MILVUS_MAX_TOPK),
+            filter=_source_filter(source), output_fields=list(PAYLOAD_COLUMNS[1:6]),
+            search_params={"metric_type": "IP"},
         )
         hits = []
         for row in result:
@@ -470,6 +486,10 @@ def request_batches(rows: list[dict[str, Any]], max_rows: int, max_bytes: int) -
         size += weight
     if batch:
         yield batch
+
+
+def _source_filter(source: str | None) -> str:
+    return f'source == "{_escape(source)}"' if source is not None else ""
 
 
 def _escape(value: str) -> str:

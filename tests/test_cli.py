@@ -113,4 +113,4 @@ def test_workspace_loads_every_asset(quiver_home: Path) -> None:
     from platform_defs import defs
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {"documents", "chunks", "embeddings", "faiss_index", "milvus_collection"}
+    assert keys == {"documents", "chunks", "embeddings", "faiss_index", "milvus_collection", "retrieval_eval"}

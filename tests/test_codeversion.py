@@ -9,7 +9,8 @@ from assets.common import STAGE_UPSTREAM, stage_code_version
 from quiver.codeversion import module_dependencies, stage_version
 from tests.conftest import PROJECT
 
-STAGES = ["assets.documents", "assets.chunks", "assets.embeddings", "assets.faiss_index", "assets.milvus_collection"]
+STAGES = ["assets.documents", "assets.chunks", "assets.embeddings", "assets.faiss_index", "assets.milvus_collection",
+          "assets.retrieval_eval"]
 
 
 @pytest.fixture
@@ -45,7 +46,8 @@ def test_dependencies_are_the_logic_modules_imported() -> None:
     assert "quiver.chunking" not in module_dependencies("assets.embeddings")
 
 
-DOWNSTREAM_OF_CHUNKS = {"assets.chunks", "assets.embeddings", "assets.faiss_index", "assets.milvus_collection"}
+DOWNSTREAM_OF_CHUNKS = {"assets.chunks", "assets.embeddings", "assets.faiss_index", "assets.milvus_collection",
+                        "assets.retrieval_eval"}
 
 
 def test_editing_the_chunker_changes_chunks_and_downstream_only(project_copy: Path) -> None:
@@ -62,11 +64,11 @@ def test_editing_a_stage_module_changes_that_stage_and_downstream_only(project_c
           "texts_per_batch: int = Field(default=128")
     after = _versions(project_copy)
     assert {s for s in STAGES if after[s] != before[s]} == {"assets.embeddings", "assets.faiss_index",
-                                                           "assets.milvus_collection"}
+                                                           "assets.milvus_collection", "assets.retrieval_eval"}
     _edit(project_copy / "assets" / "faiss_index.py", "class FaissIndexConfig(Config):",
           "class FaissIndexConfig(Config):  # edited")
     again = _versions(project_copy)
-    assert {s for s in STAGES if again[s] != after[s]} == {"assets.faiss_index"}
+    assert {s for s in STAGES if again[s] != after[s]} == {"assets.faiss_index", "assets.retrieval_eval"}
 
 
 def test_shared_hashing_change_changes_every_stage_that_uses_it(project_copy: Path) -> None:

@@ -47,7 +47,7 @@ def test_webserver_shows_every_asset(quiver_home: Path) -> None:
         assert nodes is not None, "the webserver did not serve the asset graph within 120 s"
         found = {("/".join(n["assetKey"]["path"]), n["groupName"]) for n in nodes}
         assert found == {("documents", "ingest"), ("chunks", "ingest"), ("embeddings", "ingest"),
-                         ("faiss_index", "index"), ("milvus_collection", "index")}
+                         ("faiss_index", "index"), ("milvus_collection", "index"), ("retrieval_eval", "evaluation")}
     finally:
         server.terminate()
         try:
