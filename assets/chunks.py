@@ -89,7 +89,7 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
 
 
 @source_stage(
-    memory_class="light",
+    memory="light",
     kinds={"parquet"},
     description="Token-aware chunks with stable ids (document id + position) and per-chunk hashes.",
     code_version=CODE_VERSION,

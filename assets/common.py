@@ -26,6 +26,7 @@ from dagster import (
 
 from quiver.codeversion import stage_version
 from quiver.hashing import sha256_json
+from quiver.memory import MEMORY_TAG, pool_name
 from resources.fileref import FileRef
 
 # Output(data_version=...) is how a materialization carries its content hash; it is beta in 1.13.
@@ -37,8 +38,10 @@ sources_partitions = DynamicPartitionsDefinition(name="sources")
 # A backfill over many sources runs once, so the model is loaded once for all of them.
 single_run_backfill = BackfillPolicy.single_run()
 
-# Op tag naming the memory class of a step (see the concurrency limits).
-MEMORY_TAG = "quiver/memory"
+def memory_class(name: str) -> dict[str, Any]:
+    """@asset arguments of a step of a memory class: the op tag (limits within a run) and its concurrency pool
+    (the same limit across runs)."""
+    return {"op_tags": {MEMORY_TAG: name}, "pool": pool_name(name)}
 
 
 # Which stage reads which: a stage's code version includes its upstream stages' versions, so the UI
@@ -57,7 +60,7 @@ def stage_code_version(module: str) -> str:
     return stage_version(module, STAGE_UPSTREAM)
 
 
-def source_stage(*, memory_class: str, kinds: set[str], description: str, code_version: str):  # noqa: ANN201
+def source_stage(*, memory: str, kinds: set[str], description: str, code_version: str):  # noqa: ANN201
     """@asset for a document-level stage: partitioned by source, single-run backfills, FileRef outputs."""
 
     def decorate(fn) -> AssetsDefinition:  # noqa: ANN001
@@ -68,8 +71,8 @@ def source_stage(*, memory_class: str, kinds: set[str], description: str, code_v
             io_manager_key="fileref_io_manager",
             group_name="ingest",
             kinds=kinds,
-            op_tags={MEMORY_TAG: memory_class},
             description=description,
+            **memory_class(memory),
         )(fn)
 
     return decorate

@@ -90,7 +90,7 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
 
 
 @source_stage(
-    memory_class="io",
+    memory="io",
     kinds={"parquet"},
     description="Normalized documents of one source, each with a sha256 of its title and text.",
     code_version=CODE_VERSION,

@@ -2,8 +2,8 @@
 
     read     (reader thread)          chunk batches from the chunks Parquet
     prepare  (preprocess_workers)     embedding-cache lookup, tokenization of the texts still to encode
-    encode   (embedding_workers)      forward passes, each on an instance acquired from the model pool
-    write    (one thread, in order)   cache fill, the embeddings Parquet, Milvus rows of new or changed vectors
+    encode   (embedding_workers)      forward passes, each on an instance acquired from the model pool; cache fill
+    write    (one thread, in order)   the embeddings Parquet, Milvus rows of new or changed vectors
     insert   (one thread)             Milvus upserts in requests bounded by rows and bytes
 
 so the model never waits for reading, tokenizing or the database. Sync mode runs the same stages one
@@ -107,18 +107,16 @@ class _Writer:
     """The write stage: runs in one thread, in chunk order, so the Parquet file is deterministic."""
 
     def __init__(self, partition: str, fingerprint: str, dimension: int, writer: ParquetFileWriter,
-                 cache: EmbeddingCache | None, stats: CacheStats, existing: dict[int, str] | None,
-                 insert_rows: int, insert_bytes: int, progress: Callable[[int], None], result: PartitionVectors
-                 ) -> None:
+                 existing: dict[int, str] | None, insert_rows: int, insert_bytes: int,
+                 progress: Callable[[int], None], result: PartitionVectors) -> None:
         self.partition, self.fingerprint, self.dimension = partition, fingerprint, dimension
-        self.writer, self.cache, self.stats, self.existing = writer, cache, stats, existing
+        self.writer, self.existing = writer, existing
         self.insert_rows, self.insert_bytes = insert_rows, insert_bytes
         self.progress, self.result = progress, result
         self.pending: list[dict[str, Any]] = []
         self.pending_bytes = 0
 
     def __call__(self, item: _Encoded) -> list[list[dict[str, Any]]]:
-        store_encoded(self.cache, self.fingerprint, self.dimension, item.looked_up, item.fresh, self.stats)
         vectors = item.looked_up.complete(item.fresh, self.dimension)
         batch = embeddings_batch(item.batch, vectors, self.partition, self.fingerprint, self.writer.schema)
         self.writer.write_batch(batch)
@@ -182,7 +180,13 @@ def embed_partition_vectors(
         return _Prepared(batch, looked_up, pool.tokenize(looked_up.texts_to_encode()))
 
     def encode(item: _Prepared) -> _Encoded:
-        return _Encoded(item.batch, item.looked_up, pool.forward(item.tokenized, len(item.looked_up.to_encode)))
+        fresh = pool.forward(item.tokenized, len(item.looked_up.to_encode))
+        # Cached at once: if a later stage fails, the re-run finds these and encodes nothing twice.
+        own = CacheStats()
+        store_encoded(cache, fingerprint, dimension, item.looked_up, fresh, own)
+        with stats_lock:
+            stats.add(own)
+        return _Encoded(item.batch, item.looked_up, fresh)
 
     def insert(requests: list[list[dict[str, Any]]]) -> int:
         assert milvus is not None
@@ -190,8 +194,8 @@ def embed_partition_vectors(
         result.upserted += written
         return written
 
-    write = _Writer(partition, fingerprint, dimension, writer, cache, stats, existing,
-                    settings.insert_batch_size, milvus.max_request_bytes if milvus else 0, bar.update, result)
+    write = _Writer(partition, fingerprint, dimension, writer, existing, settings.insert_batch_size,
+                    milvus.max_request_bytes if milvus else 0, bar.update, result)
     stages = [
         Stage("prepare", prepare, workers=settings.preprocess_workers),
         Stage("encode", encode, workers=settings.embedding_workers),

@@ -81,7 +81,7 @@ def embed_partition(context: AssetExecutionContext, partition: str, chunks: File
 
 
 @source_stage(
-    memory_class="model",
+    memory="model",
     kinds={"parquet", "pytorch"},
     description="One L2-normalized float32 vector per chunk, with its deterministic vector id; each source's "
                 "vectors are upserted into Milvus as they are made.",

@@ -18,6 +18,7 @@ from dagster import (
     AssetCheckResult,
     AssetExecutionContext,
     AssetIn,
+    AutomationCondition,
     Config,
     DataVersion,
     MaterializeResult,
@@ -27,7 +28,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.common import MEMORY_TAG, run_metadata, stage_cache_key, stage_code_version
+from assets.common import memory_class, run_metadata, stage_cache_key, stage_code_version
 from assets.indexes_common import (
     IndexDiff,
     diff_index,
@@ -111,9 +112,12 @@ def can_update(manifest: dict[str, Any], settings: IndexSettings, dimension: int
 @asset(
     ins={"embeddings": AssetIn()},
     code_version=CODE_VERSION,
+    # After sources are (re)ingested, by the inbox sensor or anyone, the automation daemon brings the index up
+    # to date once no source is still being ingested.
+    automation_condition=AutomationCondition.eager(),
     group_name="index",
     kinds={"faiss"},
-    op_tags={MEMORY_TAG: "io"},
+    **memory_class("io"),
     description="FAISS index (exact inner product by default; IVF/HNSW by config or size) plus its id map.",
 )
 def faiss_index(
@@ -163,7 +167,7 @@ def faiss_index(
 
 
 @asset_check(asset=faiss_index, additional_ins={"chunks": AssetIn("chunks")}, blocking=True,
-             op_tags={MEMORY_TAG: "io"},
+             **memory_class("io"),
              description="The current FAISS version holds exactly one vector per current chunk: none missing, "
                          "none stale or out of date, none twice.")
 def faiss_index_matches_chunks(chunks: dict[str, FileRef], store: FileStore, faiss_store: FaissStore,

@@ -7,6 +7,7 @@ from dagster import (
     AssetCheckResult,
     AssetExecutionContext,
     AssetIn,
+    AutomationCondition,
     Config,
     DataVersion,
     MaterializeResult,
@@ -14,8 +15,9 @@ from dagster import (
     asset,
     asset_check,
 )
+from pydantic import Field
 
-from assets.common import MEMORY_TAG, run_metadata, stage_cache_key, stage_code_version
+from assets.common import memory_class, run_metadata, stage_cache_key, stage_code_version
 from assets.indexes_common import (
     diff_index,
     embedding_dimension,
@@ -33,6 +35,8 @@ CODE_VERSION = stage_code_version(__name__)
 
 class MilvusCollectionConfig(Config):
     force: bool = False
+    compact: bool = Field(default=False, description="Compact the collection after synchronizing it (the nightly "
+                                                     "maintenance schedule asks for it).")
 
 
 def sync_collection(milvus: MilvusStore, store: FileStore, embeddings: Mapping[str, FileRef],
@@ -55,9 +59,12 @@ def sync_collection(milvus: MilvusStore, store: FileStore, embeddings: Mapping[s
 @asset(
     ins={"embeddings": AssetIn()},
     code_version=CODE_VERSION,
+    # After sources are (re)ingested, by the inbox sensor or anyone, the automation daemon brings the index up
+    # to date once no source is still being ingested.
+    automation_condition=AutomationCondition.eager(),
     group_name="index",
     kinds={"milvus"},
-    op_tags={MEMORY_TAG: "io"},
+    **memory_class("io"),
     description="Milvus collection (Milvus Lite by default) holding exactly one vector per current chunk.",
 )
 def milvus_collection(
@@ -71,12 +78,14 @@ def milvus_collection(
     asset_path = context.asset_key.path
     expected = sum(ref.rows for ref in embeddings.values())
     cached = store.cache_get(asset_path, None, key)
-    if cached and not config.force and milvus.exists() and milvus.count() == expected:
+    if cached and not (config.force or config.compact) and milvus.exists() and milvus.count() == expected:
         context.log.info(f"milvus_collection: cache hit {key}, {expected} vectors already in place")
         return MaterializeResult(data_version=DataVersion(cached["content_hash"]),
                                  metadata={"cache_hit": True, "cache_key": key, "vectors": expected})
     dimension = embedding_dimension(store, embeddings) or model_pool.dimension()
     counts, digest = sync_collection(milvus, store, embeddings, dimension)
+    if config.compact:
+        milvus.compact()
     total = milvus.count()
     store.cache_put(asset_path, None, key, {"content_hash": digest, "vectors": total})
     context.log.info(f"milvus_collection: {counts} -> {total} vectors in {milvus.collection!r}")
@@ -91,7 +100,7 @@ def milvus_collection(
 
 
 @asset_check(asset=milvus_collection, additional_ins={"chunks": AssetIn("chunks")}, blocking=True,
-             op_tags={MEMORY_TAG: "io"},
+             **memory_class("io"),
              description="The Milvus collection holds exactly one vector per current chunk: none missing, none "
                          "stale or out of date, none twice.")
 def milvus_collection_matches_chunks(chunks: dict[str, FileRef], store: FileStore, milvus: MilvusStore,

@@ -32,7 +32,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.common import MEMORY_TAG, run_metadata, sources_partitions, stage_code_version
+from assets.common import memory_class, run_metadata, sources_partitions, stage_code_version
 from assets.faiss_index import faiss_index
 from assets.milvus_collection import milvus_collection
 from quiver.beir import RelevanceData, has_relevance_data, read_relevance_data
@@ -95,12 +95,14 @@ def store_searches(partition: str, stores: list[str], faiss_store: FaissStore,
         version = faiss_store.open_current()
 
         def faiss_search(queries: np.ndarray, k: int) -> list[Ranking]:
-            return [[(h.doc_id, h.score) for h in hits] for hits in version.search(queries, k, source=partition)]
+            return [[(h.doc_id, h.score) for h in hits]
+                    for hits in version.search(queries, k, source=partition, fields=("doc_id",))]
 
         found["faiss"] = (faiss_search, len(version.ids_of_source(partition)), version.manifest["index_type"])
     if "milvus" in stores:
         def milvus_search(queries: np.ndarray, k: int) -> list[Ranking]:
-            return [[(h.doc_id, h.score) for h in hits] for hits in milvus.search(queries, k, source=partition)]
+            return [[(h.doc_id, h.score) for h in hits]
+                    for hits in milvus.search(queries, k, source=partition, fields=("doc_id",))]
 
         count = milvus.count(source=partition) if milvus.exists() else 0
         found["milvus"] = (milvus_search, count, milvus.index_type)
@@ -197,7 +199,7 @@ def _table_metadata(evaluations: dict[str, StoreEvaluation], queries: int) -> Me
     code_version=CODE_VERSION,
     group_name="evaluation",
     kinds={"parquet"},
-    op_tags={MEMORY_TAG: "model"},
+    **memory_class("model"),
     description="nDCG@10, Recall@100 and MRR@10 of the FAISS index and the Milvus collection on a BEIR source's "
                 "judged queries; per-query scores as Parquet. Sources without queries and qrels are skipped.",
 )
@@ -287,6 +289,7 @@ def _results(store: FileStore, ref: FileRef) -> pa.Table:
 
 
 @asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
+             **memory_class("light"),
              description="nDCG@10 of every evaluated store is at or above the configured floor.")
 def ndcg_at_10_above_floor(config: NdcgFloorConfig, retrieval_eval: FileRef, store: FileStore) -> AssetCheckResult:
     means = _store_means(_results(store, retrieval_eval))
@@ -299,6 +302,7 @@ def ndcg_at_10_above_floor(config: NdcgFloorConfig, retrieval_eval: FileRef, sto
 
 
 @asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
+             **memory_class("light"),
              description="FAISS and Milvus return the same top-10 documents for (nearly) every query.")
 def faiss_and_milvus_agree(config: AgreementConfig, retrieval_eval: FileRef, store: FileStore) -> AssetCheckResult:
     table = _results(store, retrieval_eval)
@@ -319,6 +323,7 @@ def faiss_and_milvus_agree(config: AgreementConfig, retrieval_eval: FileRef, sto
 
 
 @asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
+             **memory_class("light"),
              description="No query returns a document id that is not in the source's corpus.")
 def results_are_corpus_documents(config: CheckSeverityConfig, retrieval_eval: FileRef,
                                  store: FileStore) -> AssetCheckResult:

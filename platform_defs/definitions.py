@@ -15,17 +15,24 @@ from assets.retrieval_eval import (
 )
 from platform_defs.executor import quiver_executor
 from platform_defs.jobs import eval_job, index_job, ingest_job
+from platform_defs.limits import limits_at_load
 from platform_defs.resources import build_resources
+from platform_defs.sensors import evaluation_schedule, inbox_sensor, index_maintenance_schedule
 
 ALL_ASSETS = [documents, chunks, embeddings, faiss_index, milvus_collection, retrieval_eval]
 ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks, ndcg_at_10_above_floor,
               faiss_and_milvus_agree, results_are_corpus_documents]
 
 
+# Computed, logged and applied as concurrency pools when the definitions load; each run recomputes them.
+LIMITS = limits_at_load()
+
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
     jobs=[ingest_job, index_job, eval_job],
+    sensors=[inbox_sensor],
+    schedules=[index_maintenance_schedule, evaluation_schedule],
     resources=build_resources(),
     executor=quiver_executor(preload_model=True),
 )

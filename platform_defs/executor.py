@@ -1,34 +1,132 @@
-"""The multiprocess executor Quiver runs with: forkserver, with the model preloaded before fork."""
+"""The executor Quiver runs with: multiprocess, forkserver with the model preloaded, and memory-bound.
 
+When a run starts it computes the memory limits of each class of step (platform_defs/limits.py), runs a
+preflight check of what the run's steps will need against what is available now (lowering the
+concurrency, or refusing with how much memory is missing), applies the limits as tag concurrency limits
+of this run and as the instance's concurrency pools, and then executes like Dagster's multiprocess
+executor. A step process killed by SIGKILL is reported with its memory class, whether the kernel's OOM
+killer did it, and the limits that were in force.
+"""
+
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
-from dagster import Field, multiprocess_executor
+import psutil
+from dagster import Field, MetadataValue, executor
+from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
+from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+from dagster._core.execution.retries import RetryMode
+from dagster._core.executor.multiprocess import MultiprocessExecutor
+
+from quiver.errors import QuiverError
+from quiver.memory import ENV_AVAILABLE, ENV_FRACTION, MEMORY_TAG, Limits, format_size, parse_size, preflight
 
 DEFINITIONS_MODULE = "platform_defs.definitions"
 PRELOAD_MODULE = "platform_defs.preload"
+CRASH_PREFIX = "Multiprocess executor: child process for step "
 
 
-def executor_config(preload_model: bool, max_concurrent: int = 0) -> dict[str, Any]:
-    """An explicit preload list replaces Dagster's default one, so the definitions module is listed too."""
-    modules = [DEFINITIONS_MODULE, PRELOAD_MODULE] if preload_model else [DEFINITIONS_MODULE]
-    config: dict[str, Any] = {"start_method": {"forkserver": {"preload_modules": modules}}}
-    if max_concurrent:
-        config["max_concurrent"] = max_concurrent
-    return config
+class MemoryPreflightError(QuiverError):
+    """A run whose steps cannot fit in the memory available: refused before any step started."""
 
 
-def _from_run_config(config: dict[str, Any]) -> dict[str, Any]:
-    return executor_config(config["preload_model"], config["max_concurrent"])
+def oom_kills() -> int | None:
+    """The kernel's count of processes it killed for memory (Linux), or None where it is not known."""
+    try:
+        with open("/proc/vmstat", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
-def quiver_executor(preload_model: bool = True):  # noqa: ANN201 - an ExecutorDefinition
-    """Steps fork from a forkserver that imported the definitions (and, by default, loaded the model)."""
-    return multiprocess_executor.configured(
-        _from_run_config,
+def available_memory() -> int:
+    value = os.environ.get(ENV_AVAILABLE)
+    return parse_size(value) if value else int(psutil.virtual_memory().available)
+
+
+def explain_kill(step_key: str, memory_class: str | None, limits: Limits, kills_before: int | None,
+                 kills_now: int | None) -> str:
+    by_kernel = kills_before is not None and kills_now is not None and kills_now > kills_before
+    cause = (f"killed by the kernel for lack of memory (OOM killer: {kills_now - kills_before} kill(s) during this "
+             f"run)" if by_kernel else "killed by SIGKILL, but the kernel's OOM-kill count did not change: something "
+                                       "else killed it")
+    klass = limits.classes.get(memory_class or "")
+    need = f", which needs {format_size(klass.need)} a step" if klass else ""
+    return (f"step {step_key} (memory class {memory_class or 'untagged'}{need}) was {cause}. Limits in force: "
+            + "; ".join(f"{c.memory_class} {c.limit}" for c in limits.classes.values())
+            + f"; budget {format_size(limits.settings.budget)} of {format_size(limits.settings.available)} available. "
+              "Lower the concurrency or the batch size, or raise the need of this class "
+              f"(QUIVER_MEMORY_NEED_{(memory_class or 'model').upper()}).")
+
+
+class MemoryBoundExecutor(MultiprocessExecutor):
+    def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[DagsterEvent]:
+        from platform_defs.limits import apply_pools, current_limits, manage_pools
+
+        limits = current_limits()
+        steps = [execution_plan.get_step_by_key(key) for key in execution_plan.step_keys_to_execute]
+        memory_class_of = {step.key: step.tags.get(MEMORY_TAG) for step in steps}
+        counts = Counter(c for c in memory_class_of.values() if c)
+        fraction = float(os.environ.get(ENV_FRACTION) or 0.8)
+        check = preflight(limits, counts, self._max_concurrent, available_memory(), fraction)
+        yield DagsterEvent.engine_event(plan_context, limits.describe(), EngineEventData(metadata={
+            "limits": MetadataValue.json({c.memory_class: {"need_bytes": c.need, "limit": c.limit,
+                                                             "bound_by": c.bound_by, "pool": c.pool}
+                                            for c in limits.classes.values()}),
+            "budget_bytes": MetadataValue.int(limits.settings.budget),
+            "available_bytes": MetadataValue.int(limits.settings.available),
+        }))
+        yield DagsterEvent.engine_event(plan_context, check.message, EngineEventData(metadata={
+            "needed_bytes": MetadataValue.int(check.needed), "allowed_bytes": MetadataValue.int(check.allowed),
+            "concurrency": MetadataValue.json(check.concurrency), "max_concurrent": check.max_concurrent}))
+        if check.refused:
+            raise MemoryPreflightError(check.message)
+        if manage_pools():
+            for pool, (was, now) in apply_pools(plan_context.instance, limits).items():
+                yield DagsterEvent.engine_event(plan_context, f"concurrency pool {pool}: {was} -> {now}",
+                                                EngineEventData())
+        self._tag_concurrency_limits = check.tag_concurrency_limits()
+        self._max_concurrent = check.max_concurrent
+        kills_before = oom_kills()
+        for event in super().execute(plan_context, execution_plan):
+            yield event
+            if (event.event_type == DagsterEventType.ENGINE_EVENT and event.step_key and event.message
+                    and event.message.startswith(CRASH_PREFIX) and f"signal {signal.SIGKILL.value} " in event.message):
+                message = explain_kill(event.step_key, memory_class_of.get(event.step_key), limits, kills_before,
+                                       oom_kills())
+                yield DagsterEvent.engine_event(plan_context.for_step(execution_plan.get_step_by_key(event.step_key)),
+                                                message, EngineEventData())
+
+
+def quiver_executor(preload_model: bool = True, preload: tuple[str, ...] = (DEFINITIONS_MODULE,)):  # noqa: ANN201
+    """Steps fork from a forkserver that imported the definitions (and, by default, loaded the model);
+    their concurrency is bound by memory. An explicit preload list replaces Dagster's default one, so it
+    names the definitions module."""
+
+    @executor(
         name="quiver_multiprocess",
         config_schema={
             "preload_model": Field(bool, default_value=preload_model,
                                    description="Load the model in the forkserver so steps inherit it."),
             "max_concurrent": Field(int, default_value=0, description="Step processes at once; 0: CPU count."),
+            "retries": Field({"enabled": Field(dict, is_required=False), "disabled": Field(dict, is_required=False)},
+                             default_value={"enabled": {}}, description="Step retries per RetryPolicy."),
         },
+        requirements=multiple_process_executor_requirements(),
     )
+    def _create(init_context: Any) -> MemoryBoundExecutor:
+        config = init_context.executor_config
+        return MemoryBoundExecutor(
+            retries=RetryMode.from_config(config["retries"]),
+            max_concurrent=config["max_concurrent"] or None,
+            start_method="forkserver",
+            explicit_forkserver_preload=[*preload, *([PRELOAD_MODULE] if config["preload_model"] else [])],
+        )
+
+    return _create

@@ -274,6 +274,67 @@ def format_eval_report(name: str, report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_reexecute(args: argparse.Namespace) -> int:
+    """Re-executes a run of one of Quiver's jobs, by default from its failure: finished steps' outputs are
+    reused, the failed steps and what depends on them run again, with the parent's config and partition."""
+    from dagster import DagsterInstance, ReexecutionOptions, execute_job, reconstructable
+
+    from platform_defs.definitions import get_eval_job, get_index_job, get_ingest_job
+    from quiver.errors import ConfigError
+
+    factories = {"ingest_job": get_ingest_job, "index_job": get_index_job, "eval_job": get_eval_job}
+    instance = DagsterInstance.get()
+    parent = instance.get_run_by_id(args.run_id)
+    if parent is None:
+        raise ConfigError(f"no run {args.run_id} in the instance at {os.environ['DAGSTER_HOME']}")
+    if parent.job_name not in factories:
+        raise ConfigError(f"run {args.run_id} is of job {parent.job_name!r}; quiver re-executes "
+                          f"{', '.join(factories)} (use the UI for others)")
+    options = (ReexecutionOptions.from_failure(args.run_id, instance) if args.from_failure
+               else ReexecutionOptions(parent_run_id=args.run_id))
+    tags = {k: v for k, v in parent.tags.items() if not k.startswith("dagster/") or k == "dagster/partition"}
+    result = execute_job(reconstructable(factories[parent.job_name]), instance=instance, run_config=parent.run_config,
+                         tags=tags, reexecution_options=options)
+    steps = sorted({e.step_key for e in result.all_events if e.is_step_success and e.step_key})
+    print(f"run {result.run_id} re-executed {parent.job_name} {'from failure' if args.from_failure else 'in full'}"
+          f" of {args.run_id}: {'succeeded' if result.success else 'failed'}; steps run: {', '.join(steps) or 'none'}")
+    if not result.success:
+        print(f"!! {_failure_message(result)}", file=sys.stderr)
+    return 0 if result.success else 1
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    """This machine's concurrency limits per memory class, and the instance's pools."""
+    from dagster import DagsterInstance
+
+    from platform_defs.limits import apply_pools, current_limits
+    from quiver.memory import format_size
+
+    pool = _resources()["model_pool"]
+    if args.measure:
+        pool.footprint_file().unlink(missing_ok=True)
+    limits = current_limits()
+    s = limits.settings
+    if args.json:
+        print(json.dumps({"available": s.available, "budget": s.budget, "cores": s.cores, "sources": s.sources,
+                          "classes": {c.memory_class: {"need": c.need, "limit": c.limit, "bound_by": c.bound_by,
+                                                       "pool": c.pool} for c in limits.classes.values()}}, indent=2))
+    else:
+        print(f"memory available {format_size(s.available)} ({s.sources.get('available')}), budget "
+              f"{format_size(s.budget)} ({s.sources.get('budget')}), {s.cores} cores")
+        rows = [["class", "need", "from", "share", "limit", "bound by", "pool"], *limits.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print(f"worst case, every class at its limit: {format_size(limits.worst_case())}")
+    if args.apply:
+        with DagsterInstance.get() as instance:
+            changed = apply_pools(instance, limits)
+        for name, (was, now) in changed.items():
+            print(f"pool {name}: {was} -> {now}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quiver", description="Documents to fresh vector indexes, on Dagster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ev.set_defaults(func=cmd_eval)
+
+    rex = sub.add_parser("reexecute", help="re-execute a run, from its failure by default")
+    rex.add_argument("run_id")
+    rex.add_argument("--all-steps", dest="from_failure", action="store_false",
+                     help="re-execute every step, not only the failed ones and what depends on them")
+    rex.set_defaults(func=cmd_reexecute)
+
+    lim = sub.add_parser("limits", help="concurrency limits per memory class on this machine")
+    lim.add_argument("--measure", action="store_true", help="measure the model's memory footprint again")
+    lim.add_argument("--apply", action="store_true", help="set the instance's concurrency pools to these limits")
+    lim.add_argument("--json", action="store_true")
+    lim.set_defaults(func=cmd_limits)
     return parser
 
 

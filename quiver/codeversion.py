@@ -16,8 +16,9 @@ from quiver.settings import PROJECT_ROOT
 # Packages whose code decides what a stage outputs. resources/ is infrastructure (where and how
 # things are stored), whose effect on outputs is captured by config and fingerprints instead.
 LOGIC_PACKAGES = ("quiver", "assets")
-# Project modules that decide nothing about a stage's output.
-NOT_LOGIC = frozenset({"quiver.codeversion", "quiver.settings", "quiver.cli"})
+# Project modules that decide nothing about a stage's output: how work is scheduled (memory limits, the
+# staged pipeline, whose sync and async modes write identical outputs) is not what it computes.
+NOT_LOGIC = frozenset({"quiver.codeversion", "quiver.settings", "quiver.cli", "quiver.memory", "quiver.stages"})
 
 
 def module_file(module: str, root: Path) -> Path | None:

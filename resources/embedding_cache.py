@@ -8,22 +8,24 @@ other-text entry is discarded (and counted) and the text is re-encoded, never re
 
 import hashlib
 import os
+import re
 import struct
 import threading
 import time
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, get_dagster_logger
 from pydantic import Field
 from upath import UPath
 
-from quiver.settings import default_storage_root
+from quiver.retry import RetrySettings, call_with_retries
+from quiver.settings import default_storage_root, env_value, from_env
 from resources.fileref import atomic_replace
 
 ENTRY_MAGIC = b"QVE1"
@@ -31,6 +33,7 @@ SEGMENT_MAGIC = b"QVSEG001"
 _ENTRY_HEADER = struct.Struct("<4sI")  # magic, dimension
 _SEGMENT_HEADER = struct.Struct("<8sII")  # magic, dimension, count
 LEVELS = ("l1", "l2", "l3")
+T = TypeVar("T")
 
 
 def entry_size(dimension: int) -> int:
@@ -240,15 +243,24 @@ class EmbeddingCache(ConfigurableResource):
 
     l1_enabled: bool = True
     l1_max_bytes: int = Field(default=256 * 2**20, description="In-process LRU size in bytes.")
-    l2_enabled: bool = Field(default=False, description="Redis level; needs redis_url.")
-    redis_url: str = Field(default="", description="redis://host:6379/0 (QUIVER_REDIS_URL).")
+    l2_enabled: bool = Field(default_factory=lambda: bool(os.environ.get("QUIVER_REDIS_URL")),
+                             description="Redis level; needs redis_url. On when QUIVER_REDIS_URL is set.")
+    redis_url: str = Field(default_factory=from_env("QUIVER_REDIS_URL"),
+                           description="redis://host:6379/0 (QUIVER_REDIS_URL, kept out of the UI).")
     redis_prefix: str = "quiver:emb:"
     redis_ttl_s: int = Field(default=30 * 86400, description="Expiry of Redis entries; 0 keeps them.")
     l3_enabled: bool = True
     l3_directory: str = Field(default_factory=lambda: f"{default_storage_root()}/_embedding_cache")
 
-    def _redis(self) -> Any:
-        return _redis_client(self.redis_url)
+    retry_attempts: int = Field(default=6, ge=1, description="Attempts of a Redis call that fails transiently.")
+    retry_deadline_s: float = Field(default=60.0, description="No new attempt after this long.")
+
+    def _redis_call(self, what: str, call: Callable[[Any], T]) -> T:
+        """call(client), retried with backoff on transient errors (refused, reset, timeout); others fail at once."""
+        settings = RetrySettings(attempts=self.retry_attempts, deadline_s=self.retry_deadline_s)
+        url = env_value(self.redis_url)
+        return call_with_retries(f"Redis {what} ({_redacted(url)})", lambda: call(_redis_client(url)), settings,
+                                 log=get_dagster_logger())
 
     def _segments(self, fingerprint: str, dimension: int) -> SegmentStore:
         key = (f"{self.l3_directory}/{fingerprint}", dimension)
@@ -276,10 +288,12 @@ class EmbeddingCache(ConfigurableResource):
 
         l2_hits: list[int] = []
         if self.l2_enabled and pending:
-            raws = self._redis().mget([self._redis_key(fingerprint, text_shas[i]) for i in pending])
+            keys = [self._redis_key(fingerprint, text_shas[i]) for i in pending]
+            raws = self._redis_call("get", lambda r: r.mget(keys))
             pending, l2_hits, bad = _check_level("l2", pending, raws, text_shas, dimension, found, stats)
             if bad:
-                self._redis().delete(*(self._redis_key(fingerprint, text_shas[i]) for i in bad))
+                stale = [self._redis_key(fingerprint, text_shas[i]) for i in bad]
+                self._redis_call("delete", lambda r: r.delete(*stale))
 
         l3_hits: list[int] = []
         if self.l3_enabled and pending:
@@ -315,10 +329,13 @@ class EmbeddingCache(ConfigurableResource):
             stats.fills["l3"] += self._segments(fingerprint, dimension).put_many(list(text_shas), entries)
 
     def _redis_put(self, fingerprint: str, items: list[tuple[bytes, bytes]]) -> None:
-        pipe = self._redis().pipeline(transaction=False)
-        for sha, entry in items:
-            pipe.set(self._redis_key(fingerprint, sha), entry, ex=self.redis_ttl_s or None)
-        pipe.execute()
+        def put(client: Any) -> None:
+            pipe = client.pipeline(transaction=False)
+            for sha, entry in items:
+                pipe.set(self._redis_key(fingerprint, sha), entry, ex=self.redis_ttl_s or None)
+            pipe.execute()  # SETs are idempotent: a retried pipeline writes the same entries
+
+        self._redis_call("put", put)
 
 
 _REDIS: dict[str, tuple[int, Any]] = {}
@@ -337,6 +354,11 @@ def _redis_client(url: str) -> Any:
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
         _REDIS[url] = (os.getpid(), client)
     return client
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
 
 
 def text_sha(text: str) -> bytes:

@@ -29,7 +29,7 @@ from dagster import ConfigurableResource, InitResourceContext, get_dagster_logge
 from pydantic import Field
 
 from quiver.errors import QuiverError
-from quiver.settings import BUNDLED_MODEL, resolve_model
+from quiver.settings import BUNDLED_MODEL, from_env, resolve_model
 
 PROBE_TEXT = "quiver model health probe"
 
@@ -197,9 +197,10 @@ def resolve_devices(device: str, instances: int) -> list[str]:
 class ModelPool(ConfigurableResource):
     """Sentence-transformers model shared by every asset, step, batch and thread of the process."""
 
-    model: str = Field(default=BUNDLED_MODEL,
+    model: str = Field(default_factory=from_env("QUIVER_MODEL", BUNDLED_MODEL),
                        description="Any sentence-transformers name or path; 'bundled' is the packaged MiniLM.")
-    device: str = Field(default="cpu", description="cpu, cuda, cuda:N or auto.")
+    device: str = Field(default_factory=from_env("QUIVER_DEVICE", "cpu"),
+                        description="cpu, cuda, cuda:N or auto (QUIVER_DEVICE).")
     batch_size: int = Field(default=8, ge=1, description="Texts per forward pass: 8 is as fast as larger batches "
                             "for MiniLM on CPU and keeps activation memory per step small (bench/model_pool.py).")
     max_seq_length: int | None = Field(default=None, description="Tokens per text; default: the model's.")
@@ -295,6 +296,37 @@ class ModelPool(ConfigurableResource):
 
     def dimension(self) -> int:
         return self.state().dimension
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def footprint_file(self) -> Path:
+        cache = Path(os.environ.get("QUIVER_CACHE_DIR") or Path.home() / ".cache" / "quiver")
+        return cache / "memory" / f"{self.fingerprint()}-b{self.batch_size}-l{self.window_tokens()}.json"
+
+    def footprint(self, measure: bool = True) -> tuple[int, str]:
+        """Bytes one embedding step needs (peak RSS of a fresh process that loads this model and encodes a
+        full batch at the model's window), and where the figure came from. Measured once per machine and
+        model; the concurrency limits divide the memory budget by it."""
+        file = self.footprint_file()
+        if file.is_file():
+            recorded = json.loads(file.read_text())
+            return int(recorded["bytes"]), f"measured {recorded['measured']}"
+        if not measure or os.environ.get(FOOTPRINT_PROBE_ENV):
+            return self._estimated_footprint(), "estimated (weights x 2 + 400 MiB): not measured yet"
+        try:
+            measured = measure_footprint(self)
+        except Exception as exc:  # noqa: BLE001 - an estimate keeps limits conservative; the reason is logged
+            get_dagster_logger().warning(f"could not measure the model's memory footprint: {exc}")
+            return self._estimated_footprint(), f"estimated (weights x 2 + 400 MiB): measuring failed ({exc})"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")
+        tmp.write_text(json.dumps({"bytes": measured, "measured": time.strftime("%Y-%m-%d"), "model": self.model}))
+        os.replace(tmp, file)
+        return measured, f"measured {time.strftime('%Y-%m-%d')}"
+
+    def _estimated_footprint(self) -> int:
+        path = Path(self.model_path)
+        weights = sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.is_dir() else 0
+        return 2 * weights + 400 * 2**20
 
     def window_tokens(self) -> int:
         """Tokens the model reads of a text (special tokens included), known without loading its weights."""
@@ -579,3 +611,38 @@ def _tokenizer(path: str) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.model_max_length = 1 << 30  # we chunk ourselves; silence "sequence too long" warnings
     return tokenizer
+
+
+FOOTPRINT_PROBE_ENV = "QUIVER_FOOTPRINT_PROBE"
+
+
+def measure_footprint(pool: ModelPool, timeout_s: float = 300) -> int:
+    """Peak RSS of a fresh process doing what an embedding step does with this pool's configuration."""
+    import subprocess
+    import sys
+
+    config = json.dumps({"model": pool.model, "batch_size": pool.batch_size, "max_seq_length": pool.max_seq_length,
+                         "normalize": pool.normalize})
+    env = {**os.environ, FOOTPRINT_PROBE_ENV: "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    proc = subprocess.run([sys.executable, "-m", "resources.model_pool", config], capture_output=True, text=True,
+                          timeout=timeout_s, env=env, cwd=str(Path(__file__).resolve().parent.parent))
+    if proc.returncode != 0:
+        raise ModelPoolError(f"footprint probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(config: dict[str, Any]) -> int:
+    import resource
+
+    import assets.embed_pipeline  # noqa: F401 - what an embedding step imports besides the model
+
+    pool = ModelPool(**config)
+    window = pool.window_tokens()
+    pool.encode(["the quick brown fox jumps over the lazy dog " * (window // 4)] * pool.batch_size)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(_probe(json.loads(sys.argv[1])))

@@ -1,6 +1,7 @@
 """The registry of sources: each source is a dynamic partition of the document-level assets."""
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 
@@ -10,7 +11,7 @@ from upath import UPath
 
 from quiver.chunking import STRATEGIES
 from quiver.errors import ConfigError
-from quiver.settings import default_storage_root
+from quiver.settings import dagster_home, default_storage_root
 from quiver.sources import SOURCE_KINDS, SourceKind, detect_kind
 from resources.fileref import write_text_atomic
 
@@ -67,3 +68,12 @@ class SourceRegistry(ConfigurableResource):
         if not root.exists():
             return []
         return [SourceSpec(**json.loads(f.read_text())) for f in sorted(root.glob("*.json"), key=lambda p: p.name)]
+
+
+class Inbox(ConfigurableResource):
+    """A directory whose entries are sources: JSONL(.gz)/Parquet files, or directories (text files or BEIR)."""
+
+    directory: str = Field(default_factory=lambda: os.environ.get("QUIVER_INBOX") or str(dagster_home() / "inbox"),
+                           description="The watched directory (QUIVER_INBOX).")
+    settle_seconds: float = Field(default=2.0, description="An entry changed more recently than this is still "
+                                                           "being written: it waits for the next tick.")

@@ -11,32 +11,35 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, get_dagster_logger
 from pydantic import Field, PrivateAttr
 from upath import UPath
 
 from quiver.errors import ConfigError, QuiverError
-from quiver.settings import default_milvus_uri, default_storage_root
+from quiver.retry import RetrySettings, call_with_retries
+from quiver.settings import default_milvus_uri, default_storage_root, env_value, from_env
 from quiver.vector_index import IndexSettings, build_index, search_index
 from resources.fileref import atomic_replace, write_text_atomic
 
+T = TypeVar("T")
 SNIPPET_CHARS = 2000
 MILVUS_MAX_REQUEST_BYTES = 64 * 2**20  # gRPC message limit of a Milvus server
 MILVUS_MAX_TOPK = 16384
 CURRENT_POINTER = "CURRENT"
 # Columns every vector store keeps beside the vector.
 PAYLOAD_COLUMNS = ("vector_id", "chunk_id", "doc_id", "source", "title", "text", "vector_key")
+HIT_FIELDS = PAYLOAD_COLUMNS[1:6]  # what a search hit carries
 
 
 @dataclass(frozen=True)
@@ -71,22 +74,23 @@ class FaissVersion:
         column = self.payload.column("source")
         return self.payload.column("vector_id").filter(pc.equal(column, source)).to_numpy()
 
-    def search(self, queries: np.ndarray, k: int, source: str | None = None) -> list[list[SearchHit]]:
-        """The k nearest chunks of each query; of one source only when given."""
+    def search(self, queries: np.ndarray, k: int, source: str | None = None,
+               fields: tuple[str, ...] = HIT_FIELDS) -> list[list[SearchHit]]:
+        """The k nearest chunks of each query; of one source only when given. Hits carry the payload fields
+        asked for (the others are empty)."""
         only = None
         if source is not None and set(self.payload.column("source").unique().to_pylist()) != {source}:
             only = self.ids_of_source(source)
         scores, ids = search_index(self.index, queries, k, only)
-        columns = {name: self.payload.column(name) for name in PAYLOAD_COLUMNS}
-        results = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            hits = []
-            for score, vid in zip(row_scores, row_ids, strict=True):
-                if vid < 0:
-                    continue
-                r = self.row_of[int(vid)]
-                hits.append(SearchHit(float(score), int(vid), *(columns[c][r].as_py() for c in PAYLOAD_COLUMNS[1:6])))
-            results.append(hits)
+        found = [[(float(score), int(vid)) for score, vid in zip(row_scores, row_ids, strict=True) if vid >= 0]
+                 for row_scores, row_ids in zip(scores, ids, strict=True)]
+        rows = pa.array([self.row_of[vid] for hits in found for _, vid in hits], pa.int64())
+        values = {name: self.payload.column(name).take(rows).to_pylist() for name in fields}
+        results, at = [], 0
+        for hits in found:
+            results.append([SearchHit(score, vid, *(values[c][at + i] if c in values else "" for c in HIT_FIELDS))
+                            for i, (score, vid) in enumerate(hits)])
+            at += len(hits)
         return results
 
 
@@ -305,21 +309,27 @@ class MilvusStore(ConfigurableResource):
 
     uri: str = Field(default_factory=default_milvus_uri,
                      description="Milvus Lite file path, or http(s)://host:19530 for a server.")
-    token: str = Field(default="", description="user:password or API key for a server.")
-    db_name: str = ""
-    collection: str = "quiver_chunks"
+    token: str = Field(default_factory=from_env("QUIVER_MILVUS_TOKEN"),
+                       description="user:password or API key for a server (QUIVER_MILVUS_TOKEN, kept out of the UI).")
+    db_name: str = Field(default_factory=from_env("QUIVER_MILVUS_DB"), description="Database (QUIVER_MILVUS_DB).")
+    collection: str = Field(default_factory=from_env("QUIVER_MILVUS_COLLECTION", "quiver_chunks"),
+                            description="Collection (QUIVER_MILVUS_COLLECTION).")
     index_type: str = Field(default="FLAT", description="FLAT (exact), HNSW, IVF_FLAT or AUTOINDEX.")
     insert_batch_size: int = Field(default=512, ge=1, description="Most rows per insert or upsert request.")
     max_request_bytes: int = Field(default=16 * 2**20, ge=2**16, le=MILVUS_MAX_REQUEST_BYTES // 2,
                                    description="Most bytes per request, well under Milvus's 64 MB limit.")
     lite_open_timeout_s: float = Field(default=60.0, description="Wait this long for another process to "
                                                                  "release a Milvus Lite database.")
+    retry_attempts: int = Field(default=6, ge=1, description="Attempts of a call that fails transiently.")
+    retry_max_wait_s: float = Field(default=10.0, description="Longest wait between two attempts (exponential "
+                                                              "backoff with jitter below it).")
+    retry_deadline_s: float = Field(default=120.0, description="No new attempt after this long.")
 
     _client: Any = PrivateAttr(default=None)
 
     def client(self) -> Any:
         """One client per process and URI: Milvus Lite allows one opener per database file."""
-        key = (self.uri, self.token, self.db_name)
+        key = (self.uri, env_value(self.token), self.db_name)
         with _MILVUS_LOCK:
             client = _MILVUS_CLIENTS.get(key)
             if client is None:
@@ -338,8 +348,8 @@ class MilvusStore(ConfigurableResource):
         logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 
         kwargs: dict[str, Any] = {"uri": self.uri}
-        if self.token:
-            kwargs["token"] = self.token
+        if env_value(self.token):
+            kwargs["token"] = env_value(self.token)
         if self.db_name:
             kwargs["db_name"] = self.db_name
         lite = "://" not in self.uri
@@ -363,22 +373,47 @@ class MilvusStore(ConfigurableResource):
                     ) from exc
                 time.sleep(0.5)
 
-    def exists(self) -> bool:
-        return bool(self.client().has_collection(self.collection))
+    def _call(self, what: str, call: Callable[[Any], T]) -> T:
+        """call(client), retried on transient errors (a reconnect before each new attempt); permanent errors
+        fail at once."""
+        return call_with_retries(f"Milvus {what} ({self.uri}, collection {self.collection!r})",
+                                 lambda: call(self.client()), self.retry_settings(), on_retry=self._forget_client,
+                                 log=get_dagster_logger())
 
-    def loaded_client(self) -> Any:
+    def retry_settings(self) -> RetrySettings:
+        return RetrySettings(attempts=self.retry_attempts, max_wait_s=self.retry_max_wait_s,
+                             deadline_s=self.retry_deadline_s)
+
+    def _forget_client(self) -> None:
+        with _MILVUS_LOCK:
+            client = _MILVUS_CLIENTS.pop((self.uri, env_value(self.token), self.db_name), None)
+            _LOADED_COLLECTIONS.discard((self.uri, self.db_name, self.collection))
+        if client is not None and "://" in self.uri:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - the connection is being replaced anyway
+                pass
+
+    def exists(self) -> bool:
+        return bool(self._call("has_collection", lambda c: c.has_collection(self.collection)))
+
+    def _loaded(self, client: Any) -> Any:
         """The client, with the collection loaded for search and query (a new process finds it released)."""
-        client = self.client()
         key = (self.uri, self.db_name, self.collection)
         if key not in _LOADED_COLLECTIONS:
             client.load_collection(self.collection)
             _LOADED_COLLECTIONS.add(key)
         return client
 
+    def loaded_client(self) -> Any:
+        return self._call("load", self._loaded)
+
     def ensure_collection(self, dimension: int) -> None:
+        self._call("create collection", lambda c: self._ensure_collection(c, dimension))
+
+    def _ensure_collection(self, client: Any, dimension: int) -> None:
         from pymilvus import DataType, MilvusClient
 
-        client = self.client()
         if client.has_collection(self.collection):
             described = client.describe_collection(self.collection)
             dims = [f.get("params", {}).get("dim") for f in described["fields"] if f["name"] == "vector"]
@@ -405,14 +440,17 @@ class MilvusStore(ConfigurableResource):
         """{vector id: vector key} of what the collection holds (optionally for one source)."""
         return dict(self.iter_keys(source))
 
-    def iter_keys(self, source: str | None = None) -> Iterator[tuple[int, str]]:
-        """Every (vector id, vector key) row the collection holds, optionally for one source."""
+    def iter_keys(self, source: str | None = None) -> list[tuple[int, str]]:
+        """Every (vector id, vector key) row the collection holds, optionally for one source; read whole, so
+        that a transient error restarts the listing rather than leaving it half read."""
         if not self.exists():
-            return
-        client = self.loaded_client()
-        filter_expr = _source_filter(source) or "id >= 0"
-        iterator = client.query_iterator(self.collection, batch_size=4096, filter=filter_expr,
-                                         output_fields=["id", "vector_key"])
+            return []
+        return self._call("list vectors", lambda c: list(self._keys(c, source)))
+
+    def _keys(self, client: Any, source: str | None) -> Iterator[tuple[int, str]]:
+        iterator = self._loaded(client).query_iterator(
+            self.collection, batch_size=4096, filter=_source_filter(source) or "id >= 0",
+            output_fields=["id", "vector_key"])
         try:
             while True:
                 page = iterator.next()
@@ -424,40 +462,45 @@ class MilvusStore(ConfigurableResource):
             iterator.close()
 
     def upsert_rows(self, rows: list[dict[str, Any]]) -> int:
-        """Upserts in requests of at most insert_batch_size rows and max_request_bytes bytes."""
-        client = self.client()
+        """Upserts in requests of at most insert_batch_size rows and max_request_bytes bytes; an upsert is
+        idempotent, so a retried request never duplicates."""
         written = 0
         for batch in request_batches(rows, self.insert_batch_size, self.max_request_bytes):
-            client.upsert(self.collection, batch)
+            self._call("upsert", lambda c, b=batch: c.upsert(self.collection, b))
             written += len(batch)
         return written
 
     def delete_ids(self, ids: Iterable[int]) -> int:
-        client = self.client()
         ids = list(ids)
         for start in range(0, len(ids), 4096):
-            client.delete(self.collection, ids=ids[start:start + 4096])
+            part = ids[start:start + 4096]
+            self._call("delete", lambda c, p=part: c.delete(self.collection, ids=p))
         return len(ids)
 
+    def compact(self) -> None:
+        """Merge segments and purge deleted rows (a server does the work; Milvus Lite compacts after every
+        flush and answers at once)."""
+        job = self._call("compact", lambda c: c.compact(self.collection))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and self._call(
+                "compaction state", lambda c: c.get_compaction_state(job)) not in ("Completed", "UndefiedState"):
+            time.sleep(1)
+
     def count(self, source: str | None = None) -> int:
-        result = self.loaded_client().query(self.collection, filter=_source_filter(source),
-                                            output_fields=["count(*)"])
+        result = self._call("count", lambda c: self._loaded(c).query(
+            self.collection, filter=_source_filter(source), output_fields=["count(*)"]))
         return int(result[0]["count(*)"])
 
-    def search(self, queries: np.ndarray, k: int, source: str | None = None) -> list[list[SearchHit]]:
-        """The k nearest chunks of each query (at most Milvus's limit of 16384); of one source only when given."""
-        result = self.loaded_client().search(
+    def search(self, queries: np.ndarray, k: int, source: str | None = None,
+               fields: tuple[str, ...] = HIT_FIELDS) -> list[list[SearchHit]]:
+        """The k nearest chunks of each query (at most Milvus's limit of 16384); of one source only when given.
+        Hits carry the payload fields asked for (fetching fewer is faster)."""
+        result = self._call("search", lambda c: self._loaded(c).search(
             self.collection, data=[q.tolist() for q in queries], limit=min(k, MILVUS_MAX_TOPK),
-            filter=_source_filter(source), output_fields=list(PAYLOAD_COLUMNS[1:6]),
-            search_params={"metric_type": "IP"},
-        )
-        hits = []
-        for row in result:
-            hits.append([
-                SearchHit(float(h["distance"]), int(h["id"]), *(h["entity"][c] for c in PAYLOAD_COLUMNS[1:6]))
-                for h in row
-            ])
-        return hits
+            filter=_source_filter(source), output_fields=list(fields), search_params={"metric_type": "IP"},
+        ))
+        return [[SearchHit(float(h["distance"]), int(h["id"]), *(h["entity"].get(c, "") for c in HIT_FIELDS))
+                 for h in row] for row in result]
 
 
 def row_bytes(row: dict[str, Any]) -> int:

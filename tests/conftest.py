@@ -49,3 +49,13 @@ def instance(quiver_home: Path) -> Iterator[Any]:
 
     with DagsterInstance.get() as inst:
         yield inst
+
+
+@pytest.fixture
+def milvus_server(tmp_path: Path) -> Iterator[Any]:
+    """A Milvus server process on a free port, with its data in tmp_path."""
+    from tests.helpers import MilvusServer
+
+    server = MilvusServer(tmp_path / "milvus-server")
+    yield server.start()
+    server.kill()

@@ -1,0 +1,182 @@
+"""Memory-bound concurrency benchmark: a backfill of N partitions whose heavy step each holds a known amount
+of memory, through a real instance (run queue + dagster-daemon), capped and uncapped.
+
+Each partition is one run (Dagster's default backfill): its orchestrator, its forkserver and its step,
+which holds QUIVER_BALLAST_MB and computes QUIVER_BALLAST_CPU_S. A calibration run measures what one
+such run needs (peak summed RSS); the budget is set below what all N at once need. Capped: the
+model-class pool limit computed from that budget holds runs in the queue (pool granularity: run).
+Uncapped: no pool limit, every run at once. Printed for both: peak summed RSS of all processes (the
+daemon included), wall time, and whether the budget held.
+
+    python bench/concurrency.py [--partitions 16] [--ballast-mb 400] [--cpu-s 1.5] [--repeats 3]
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import PROJECT, median, print_table, write_results  # noqa: E402
+
+INSTANCE_YAML = """\
+storage:
+  sqlite:
+    base_dir:
+      env: DAGSTER_HOME
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+concurrency:
+  pools:
+    granularity: run
+"""
+BIN = Path(sys.executable).parent
+
+
+class RssSampler:
+    """Peak of the summed RSS of a process and all its descendants, sampled every 0.1 s."""
+
+    def __init__(self, root: psutil.Process) -> None:
+        self.root = root
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def backfill(partitions: list[str], env: dict[str, str], capped_limit: int | None) -> dict[str, Any]:
+    """One backfill through a fresh instance with its own daemon; returns wall time and peak RSS."""
+    home = Path(tempfile.mkdtemp(prefix="quiver-bench-concurrency-"))
+    (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    env = {**env, "DAGSTER_HOME": str(home), "QUIVER_MANAGE_POOLS": "1" if capped_limit else "0"}
+    from dagster import DagsterInstance
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    with DagsterInstance.get() as instance:
+        if capped_limit:
+            instance.event_log_storage.set_concurrency_slots("quiver-model", capped_limit)
+        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "bench.memory_job"], cwd=PROJECT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            with RssSampler(psutil.Process(daemon.pid)) as sampler:
+                started = time.perf_counter()
+                submit = subprocess.run([str(BIN / "dagster"), "job", "backfill", "-m", "bench.memory_job", "-j",
+                                         "ballast_job", "--partitions", ",".join(partitions), "--noprompt"],
+                                        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+                if submit.returncode != 0:
+                    raise RuntimeError(submit.stderr[-3000:])
+                while True:
+                    runs = instance.get_runs()
+                    if len(runs) == len(partitions) and all(r.is_finished for r in runs):
+                        break
+                    if time.perf_counter() - started > 1800:
+                        raise RuntimeError("the backfill did not finish in 30 minutes")
+                    time.sleep(0.5)
+                wall = time.perf_counter() - started
+        finally:
+            os.killpg(daemon.pid, 9)
+            daemon.wait()
+        failed = [r.run_id for r in runs if not r.is_success]
+    shutil.rmtree(home, ignore_errors=True)
+    return {"wall_s": wall, "peak_rss": sampler.peak, "failed_runs": len(failed)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--ballast-mb", type=int, default=400)
+    parser.add_argument("--cpu-s", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--capped-runs", type=int, default=4, help="runs the budget is sized for")
+    args = parser.parse_args()
+    partitions = [f"p{i:02d}" for i in range(args.partitions)]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "QUIVER_BALLAST_MB": str(args.ballast_mb),
+           "QUIVER_BALLAST_CPU_S": str(args.cpu_s), "QUIVER_BALLAST_PARTITIONS": str(args.partitions),
+           "OMP_NUM_THREADS": "1"}
+
+    # What one run needs, measured: the peak summed RSS of a one-partition backfill (its daemon included, so
+    # the figure errs on the safe side).
+    per_run = backfill(partitions[:1], env, None)["peak_rss"]
+    # A budget for capped_runs runs at once (the model class gets 60% of it), well below all N at once.
+    budget = int(per_run * args.capped_runs / 0.6)
+    from quiver.memory import compute_limits, format_size, memory_settings
+
+    limits = compute_limits(memory_settings(per_run, "measured (one run)", env={
+        **env, "QUIVER_MEMORY_BUDGET": str(budget), "QUIVER_CPU_COUNT": str(args.partitions)}))
+    limit = limits.classes["model"].limit
+    capped_env = {**env, "QUIVER_MEMORY_BUDGET": str(budget), "QUIVER_MEMORY_NEED_MODEL": str(per_run),
+                  "QUIVER_CPU_COUNT": str(args.partitions)}
+    print(f"one run needs {format_size(per_run)}; budget {format_size(budget)}; model-class limit {limit}; "
+          f"uncapped needs about {format_size(per_run * args.partitions)}", flush=True)
+
+    results: dict[str, list[dict[str, Any]]] = {"capped": [], "uncapped": []}
+    for repeat in range(args.repeats):
+        for mode in ("capped", "uncapped") if repeat % 2 == 0 else ("uncapped", "capped"):
+            r = backfill(partitions, capped_env if mode == "capped" else env, limit if mode == "capped" else None)
+            r["within_budget"] = r["peak_rss"] <= budget
+            results[mode].append(r)
+            print(f"repeat {repeat + 1} {mode}: {r['wall_s']:.1f}s, peak summed RSS {format_size(r['peak_rss'])}, "
+                  f"failed runs {r['failed_runs']}", flush=True)
+    capped_wall = median([r["wall_s"] for r in results["capped"]])
+    uncapped_wall = median([r["wall_s"] for r in results["uncapped"]])
+    rows = []
+    for mode, runs in results.items():
+        rows.append([mode, f"{median([r['wall_s'] for r in runs]):.1f}",
+                     format_size(median([r["peak_rss"] for r in runs])), format_size(max(r["peak_rss"] for r in runs)),
+                     "yes" if all(r["within_budget"] for r in runs) else "no",
+                     sum(r["failed_runs"] for r in runs)])
+    ratio = capped_wall / uncapped_wall
+    table = print_table(
+        f"Backfill of {args.partitions} partitions, each step holding {args.ballast_mb} MiB and computing "
+        f"{args.cpu_s} s; one run needs {format_size(per_run)}; budget {format_size(budget)} (model-class limit "
+        f"{limit}); medians of {args.repeats}",
+        ["mode", "wall s", "peak summed RSS (median)", "peak summed RSS (max)", "within budget every time",
+         "failed runs"], rows)
+    table += "\n" + print_table("Targets", ["measure", "value", "target", "met"], [
+        ["capped peak within budget, every repeat", all(r["within_budget"] for r in results["capped"]), "always",
+         all(r["within_budget"] for r in results["capped"])],
+        ["capped / uncapped wall", f"{capped_wall:.1f}s / {uncapped_wall:.1f}s = {ratio:.2f}x", "<= 1.3x",
+         ratio <= 1.3],
+    ])
+    write_results("concurrency", {"per_run_bytes": per_run, "budget_bytes": budget, "limit": limit,
+                                  "results": results, "ratio": ratio, "table": table})
+
+
+if __name__ == "__main__":
+    main()

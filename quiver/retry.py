@@ -1,0 +1,112 @@
+"""Calls to services (Milvus, Redis, a database) that retry what may pass and fail fast on what will not.
+
+Transient: connection refused or reset, timeouts, a server unavailable or rate limiting. Retried with
+exponential backoff and full jitter (tenacity), a bounded number of times within a deadline. Anything
+else, such as bad configuration, a schema mismatch or a refused request, is permanent: raised at once,
+with a message that says it was not retried.
+"""
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
+from tenacity import RetryError as _TenacityRetryError
+from tenacity.wait import wait_random_exponential
+
+from quiver.errors import QuiverError
+
+T = TypeVar("T")
+_log = logging.getLogger("quiver.retry")
+_TRANSIENT_WORDS = ("unavailable", "fail connecting", "connection refused", "connection reset", "deadline exceeded",
+                    "timed out", "timeout", "too many requests", "rate limit", "broken pipe", "temporarily")
+
+
+class ServiceUnavailableError(QuiverError):
+    """A transient error that outlasted the retries."""
+
+
+class ServiceRequestError(QuiverError):
+    """A permanent error: retrying would not help."""
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    attempts: int = 6
+    initial_s: float = 0.5
+    max_wait_s: float = 10.0
+    deadline_s: float = 120.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error may pass by itself: judged on the error and the errors that caused it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _transient_one(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _transient_one(exc: BaseException) -> bool:
+    if isinstance(exc, QuiverError):
+        return False
+    if isinstance(exc, ConnectionError | TimeoutError | socket.timeout):
+        return True
+    module = type(exc).__module__
+    name = type(exc).__name__
+    if module.startswith("redis"):
+        return name in ("ConnectionError", "TimeoutError", "BusyLoadingError", "TryAgainError")
+    if module.startswith("pymilvus"):
+        if name in ("ConnectError", "MilvusUnavailableException"):
+            return True
+        code = getattr(exc, "code", None)
+        message = str(getattr(exc, "message", exc)).lower()
+        return code == 8 or any(word in message for word in _TRANSIENT_WORDS)
+    if module.startswith("grpc"):
+        code = getattr(exc, "code", lambda: None)()
+        return getattr(code, "name", "") in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
+    if module.startswith(("sqlalchemy", "psycopg")):
+        return name in ("OperationalError", "InterfaceError") and any(
+            word in str(exc).lower() for word in _TRANSIENT_WORDS + ("could not connect", "server closed"))
+    return False
+
+
+def call_with_retries(what: str, call: Callable[[], T], settings: RetrySettings = RetrySettings(),
+                      on_retry: Callable[[], None] | None = None,
+                      log: logging.Logger | logging.LoggerAdapter | None = None) -> T:
+    """call(); transient failures are retried (on_retry runs before each new attempt, e.g. to reconnect)."""
+    logger = log or _log
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.warning(f"{what}: transient error on attempt {state.attempt_number} of {settings.attempts} "
+                       f"({type(error).__name__}: {error}); retrying in {state.upcoming_sleep:.1f}s")
+        if on_retry is not None:
+            on_retry()
+
+    retrying = Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_random_exponential(multiplier=settings.initial_s, max=settings.max_wait_s),
+        stop=stop_after_attempt(settings.attempts) | stop_after_delay(settings.deadline_s),
+        before_sleep=before_sleep,
+        reraise=False,
+    )
+    try:
+        return retrying(call)
+    except _TenacityRetryError as exhausted:
+        last = exhausted.last_attempt.exception()
+        attempts = exhausted.last_attempt.attempt_number
+        raise ServiceUnavailableError(
+            f"{what}: still failing after {attempts} attempts ({type(last).__name__}: {last}); a transient error, "
+            "retried with backoff: is the service up and reachable?") from last
+    except QuiverError:
+        raise
+    except Exception as exc:
+        if is_transient(exc):  # pragma: no cover - tenacity retries these; kept for safety
+            raise
+        raise ServiceRequestError(f"{what}: {type(exc).__name__}: {exc} (a permanent error: not retried)") from exc

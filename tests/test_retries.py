@@ -1,0 +1,246 @@
+"""Transient service errors are retried with backoff, permanent ones fail at once; a failed run re-executed
+from its failure reuses finished steps, embeds nothing twice and inserts nothing twice."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quiver.retry import RetrySettings, ServiceRequestError, ServiceUnavailableError, call_with_retries, is_transient
+from resources.embedding_cache import CacheStats, EmbeddingCache, SegmentStore, text_sha
+from resources.vector_stores import MilvusStore, close_milvus_clients
+from tests.conftest import PROJECT
+from tests.helpers import MilvusServer, add_source, free_port, scifact_docs, write_jsonl
+
+FAST = RetrySettings(attempts=4, initial_s=0.05, max_wait_s=0.2, deadline_s=10)
+
+
+def _redis_server(port: int) -> subprocess.Popen:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is required in CI (Debian package redis-server)")
+        pytest.skip("redis-server is not installed")
+    return subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_errors_are_classified_on_real_failures() -> None:
+    import socket
+
+    import redis
+    from pymilvus import MilvusClient
+
+    closed = free_port()
+    with pytest.raises(ConnectionRefusedError) as refused:
+        socket.create_connection(("127.0.0.1", closed), timeout=2)
+    assert is_transient(refused.value)
+    with pytest.raises(redis.ConnectionError) as no_redis:
+        redis.Redis(port=closed, socket_connect_timeout=2).ping()
+    assert is_transient(no_redis.value)
+    with pytest.raises(redis.AuthenticationError) as bad_password:
+        redis.Redis(port=6379, username="nobody", password="not-the-password").ping()
+    assert not is_transient(bad_password.value)
+    with pytest.raises(Exception) as no_milvus:  # noqa: B017 - pymilvus raises its own MilvusException
+        MilvusClient(uri=f"http://127.0.0.1:{closed}", timeout=2)
+    assert is_transient(no_milvus.value)
+    client = MilvusClient(str(Path(os.environ.get("TMPDIR", "/tmp")) / f"classify-{closed}.db"))
+    with pytest.raises(Exception) as missing:  # noqa: B017
+        client.describe_collection("no_such_collection")
+    assert not is_transient(missing.value)
+    assert not is_transient(ValueError("schema mismatch"))
+
+
+def test_call_with_retries_backs_off_then_succeeds_or_gives_up() -> None:
+    calls: list[float] = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionRefusedError("connection refused")
+        return "done"
+
+    assert call_with_retries("flaky service", flaky, FAST) == "done"
+    assert len(calls) == 3 and calls[2] > calls[1] > calls[0]
+
+    always: list[int] = []
+
+    def down() -> None:
+        always.append(1)
+        raise TimeoutError("timed out")
+
+    with pytest.raises(ServiceUnavailableError, match=r"^down service: still failing after 4 attempts \(TimeoutError"):
+        call_with_retries("down service", down, FAST)
+    assert len(always) == 4
+
+    once: list[int] = []
+
+    def refused_request() -> None:
+        once.append(1)
+        raise ValueError("vector dimension 8 does not match 384")
+
+    with pytest.raises(ServiceRequestError, match=r"^bad request: ValueError: vector dimension 8 does not match 384 "
+                                                  r"\(a permanent error: not retried\)$"):
+        call_with_retries("bad request", refused_request, FAST)
+    assert once == [1]
+
+
+def test_redis_that_comes_up_late_is_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    cache = EmbeddingCache(l1_enabled=False, l2_enabled=True, l3_enabled=False, redis_url=f"redis://127.0.0.1:{port}/0",
+                           redis_prefix="quiver-retry-test:", retry_attempts=10, retry_deadline_s=30)
+    server: list[subprocess.Popen] = []
+    starter = threading.Timer(1.5, lambda: server.append(_redis_server(port)))
+    starter.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            found = cache.lookup("fp", 4, [text_sha("hello")], CacheStats())
+        assert found == {}
+        assert any("Redis get (redis://127.0.0.1" in r.message and "transient error on attempt 1" in r.message
+                   for r in caplog.records)
+    finally:
+        starter.join()
+        for proc in server:
+            proc.kill()
+
+
+def test_permanent_redis_error_fails_at_once_without_the_password(tmp_path: Path) -> None:
+    cache = EmbeddingCache(l1_enabled=False, l2_enabled=True, l3_enabled=False,
+                           redis_url="redis://user:s3cret@127.0.0.1:6379/0")
+    started = time.monotonic()
+    with pytest.raises(ServiceRequestError) as error:
+        cache.lookup("fp", 4, [text_sha("hello")], CacheStats())
+    assert time.monotonic() - started < 3  # no backoff
+    assert str(error.value).startswith("Redis get (redis://user:***@127.0.0.1:6379/0): AuthenticationError")
+    assert str(error.value).endswith("(a permanent error: not retried)") and "s3cret" not in str(error.value)
+
+
+def test_milvus_server_that_comes_up_late_is_retried(tmp_path: Path) -> None:
+    server = MilvusServer(tmp_path / "late")
+    store = MilvusStore(uri=server.uri, collection="late", retry_attempts=12, retry_max_wait_s=2, retry_deadline_s=60)
+    starter = threading.Timer(2.0, server.start, kwargs={"wait": False})
+    starter.start()
+    try:
+        store.ensure_collection(8)
+        store.upsert_rows([{"id": 1, "vector": [1.0] + [0.0] * 7, "chunk_id": "a#0", "doc_id": "a", "source": "s",
+                            "title": "", "text": "x", "vector_key": "k"}])
+        assert store.count() == 1
+        # A permanent error is not retried: the collection holds 8-d vectors, not 16.
+        started = time.monotonic()
+        with pytest.raises(Exception, match="holds 8-d vectors but the model gives 16-d"):
+            store.ensure_collection(16)
+        assert time.monotonic() - started < 3
+    finally:
+        starter.join()
+        close_milvus_clients()
+        server.kill()
+
+
+def _step_failure_text(instance: Any, run_id: str) -> str:
+    from dagster import DagsterEventType
+
+    texts = []
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE):
+        error = record.dagster_event.step_failure_data.error
+        while error is not None:
+            texts.append(error.message)
+            error = error.cause
+    return "\n".join(texts)
+
+
+def _l3_entries(home: Path, fingerprint: str) -> int:
+    directory = home / "artifacts" / "_embedding_cache" / fingerprint
+    segments = SegmentStore(__import__("upath").UPath(str(directory)), 384)
+    segments.refresh()
+    return len(segments._index)
+
+
+def test_reexecution_from_failure_reuses_steps_and_does_nothing_twice(
+    quiver_home: Path, tmp_path: Path, instance: Any, resources: dict[str, Any], milvus_server: MilvusServer,
+) -> None:
+    docs = [{**d, "text": d["text"][:600]} for d in scifact_docs(80)]
+    add_source(instance, resources, "re", write_jsonl(tmp_path / "re.jsonl", docs))
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home), "QUIVER_MILVUS_URI": milvus_server.uri}
+    config = tmp_path / "ingest.yaml"
+    config.write_text(json.dumps({
+        "ops": {"embeddings": {"config": {"insert_batch_size": 4, "texts_per_batch": 8}},
+                "chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}},
+        "resources": {"milvus": {"config": {"retry_attempts": 3, "retry_max_wait_s": 0.5, "retry_deadline_s": 4}}}}))
+    wal = milvus_server.data_dir / "collections" / "quiver_chunks" / "wal"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "platform_defs",
+                             "-j", "ingest_job", "--tags", json.dumps({"dagster/partition": "re"}), "-c", str(config)],
+                            cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if wal.exists() and sum(f.stat().st_size for f in wal.rglob("*") if f.is_file()) > 0:
+            milvus_server.kill()  # the server goes away in the middle of the inserts
+            break
+        time.sleep(0.05)
+    proc.communicate(timeout=240)
+    assert proc.returncode != 0, "the run should have failed once the Milvus server was gone"
+    failed = instance.get_runs(limit=1)[0]
+    assert failed.is_failure
+    error = _step_failure_text(instance, failed.run_id)
+    assert "Milvus upsert" in error and "still failing after 3 attempts" in error, error
+
+    fingerprint = resources["model_pool"].fingerprint()
+    encoded_before = _l3_entries(quiver_home, fingerprint)
+    chunks = resources["store"].read_latest(["chunks"], "re").rows
+    assert 0 < encoded_before < chunks, (encoded_before, chunks)
+
+    MilvusServer(milvus_server.data_dir, milvus_server.port).start()  # back, with its data
+    rerun = subprocess.run([str(Path(sys.executable).parent / "quiver"), "reexecute", failed.run_id], cwd=PROJECT,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.strip().endswith("succeeded; steps run: embeddings")  # documents and chunks reused
+    child = instance.get_runs(limit=1)[0]
+    assert child.parent_run_id == failed.run_id and child.tags["dagster/partition"] == "re"
+    from dagster import AssetKey
+
+    event = instance.get_latest_materialization_event(AssetKey("embeddings"))
+    assert event.run_id == child.run_id
+    meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    assert meta["texts_encoded"] == chunks - encoded_before  # nothing embedded twice
+    assert meta["cache_l3_hits"] == encoded_before
+    done = subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "platform_defs", "-j",
+                           "index_job"], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # its reconciliation checks passed: exactly one vector each
+    milvus = MilvusStore(uri=milvus_server.uri)
+    assert milvus.count() == chunks == len(milvus.existing_keys())  # nothing inserted twice
+    close_milvus_clients()
+
+
+def test_settings_from_the_environment_survive_partial_run_config(monkeypatch: pytest.MonkeyPatch,
+                                                                   milvus_server: MilvusServer) -> None:
+    """Run config for some fields of a resource must not leave its environment settings unresolved."""
+    from dagster import asset, materialize
+
+    from platform_defs.resources import build_resources
+    from quiver.settings import env_value
+
+    monkeypatch.setenv("QUIVER_MILVUS_URI", milvus_server.uri)
+    monkeypatch.setenv("QUIVER_MILVUS_TOKEN", "root:Milvus")
+    monkeypatch.setenv("QUIVER_MILVUS_COLLECTION", "from_env")
+    seen: dict[str, Any] = {}
+
+    @asset
+    def probe(milvus: MilvusStore) -> None:
+        seen.update(uri=milvus.uri, token=env_value(milvus.token), collection=milvus.collection,
+                    attempts=milvus.retry_attempts)
+        milvus.ensure_collection(4)
+        seen["exists"] = milvus.exists()
+
+    resources = build_resources()  # as Definitions has them: the token stays an EnvVar
+    materialize([probe], resources={"milvus": resources["milvus"]},
+                run_config={"resources": {"milvus": {"config": {"retry_attempts": 2}}}})
+    assert seen == {"uri": milvus_server.uri, "token": "root:Milvus", "collection": "from_env", "attempts": 2,
+                    "exists": True}
+    close_milvus_clients()
