@@ -38,10 +38,15 @@ sources_partitions = DynamicPartitionsDefinition(name="sources")
 # A backfill over many sources runs once, so the model is loaded once for all of them.
 single_run_backfill = BackfillPolicy.single_run()
 
+# With the Celery executor, a step goes to the queue named by this tag: one queue per memory class, served by
+# the workers that have the memory (or GPU) for it.
+CELERY_QUEUE_TAG = "dagster-celery/queue"
+
+
 def memory_class(name: str) -> dict[str, Any]:
-    """@asset arguments of a step of a memory class: the op tag (limits within a run) and its concurrency pool
-    (the same limit across runs)."""
-    return {"op_tags": {MEMORY_TAG: name}, "pool": pool_name(name)}
+    """@asset arguments of a step of a memory class: the op tag (limits within a run), its concurrency pool
+    (the same limit across runs) and, on Celery, its queue."""
+    return {"op_tags": {MEMORY_TAG: name, CELERY_QUEUE_TAG: name}, "pool": pool_name(name)}
 
 
 # Which stage reads which: a stage's code version includes its upstream stages' versions, so the UI

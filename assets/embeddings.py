@@ -25,7 +25,7 @@ from assets.embed_pipeline import (
 )
 from resources.embedding_cache import CacheStats, EmbeddingCache
 from resources.fileref import FileRef, FileStore
-from resources.model_pool import ModelPool, metrics_metadata
+from resources.model_pool import ModelPool, loads_in_this_process, metrics_metadata
 from resources.vector_stores import MilvusStore
 
 CODE_VERSION = stage_code_version(__name__)
@@ -92,6 +92,7 @@ def embeddings(
     model_pool: ModelPool, embedding_cache: EmbeddingCache, milvus: MilvusStore,
 ) -> Output[Any]:
     started = time.perf_counter()
+    loads_before = loads_in_this_process()
     before = model_pool.metrics()
     stats = CacheStats()
     upstream = refs_by_partition(chunks, partitions_in_run(context))
@@ -100,4 +101,6 @@ def embeddings(
     delta = model_pool.metrics().minus(before)
     return partitioned_output(started, results, {
         **metrics_metadata(delta), **stats.as_metadata(), **model_pool.describe(),
+        # 0 when the process already held the model: a forkserver preload, or an earlier step on a Celery worker
+        "model_loads_this_step": loads_in_this_process() - loads_before,
     })

@@ -3,12 +3,12 @@ of memory, through a real instance (run queue + dagster-daemon), capped and unca
 
 Each partition is one run (Dagster's default backfill): its orchestrator, its forkserver and its step,
 which holds QUIVER_BALLAST_MB and computes QUIVER_BALLAST_CPU_S. A calibration run measures what one
-such run needs (peak summed RSS); the budget is set below what all N at once need. Capped: the
+such run needs (peak summed RSS, less the idle daemon's); the budget is set below what all N at once need. Capped: the
 model-class pool limit computed from that budget holds runs in the queue (pool granularity: run).
 Uncapped: no pool limit, every run at once. Printed for both: peak summed RSS of all processes (the
 daemon included), wall time, and whether the budget held.
 
-    python bench/concurrency.py [--partitions 16] [--ballast-mb 400] [--cpu-s 1.5] [--repeats 3]
+    python bench/concurrency.py [--partitions 16] [--ballast-mb 500] [--cpu-s 6] [--repeats 3]
 """
 
 import argparse
@@ -47,6 +47,21 @@ concurrency:
 BIN = Path(sys.executable).parent
 
 
+def tree_rss(root: psutil.Process) -> int:
+    """Summed RSS of a process and its descendants (0 for any that ended meanwhile)."""
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
 class RssSampler:
     """Peak of the summed RSS of a process and all its descendants, sampled every 0.1 s."""
 
@@ -58,17 +73,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
-                procs = []
-            for proc in procs:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, tree_rss(self.root))
             self._stop.wait(0.1)
 
     def __enter__(self) -> "RssSampler":
@@ -78,6 +83,16 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def idle_rss(daemon: psutil.Process, settle_s: float = 15.0) -> int:
+    """The daemon's own footprint once it has started all its threads (no run yet), largest of a few samples."""
+    time.sleep(settle_s)
+    samples = []
+    for _ in range(5):
+        samples.append(tree_rss(daemon))
+        time.sleep(0.2)
+    return max(samples)
 
 
 def backfill(partitions: list[str], env: dict[str, str], capped_limit: int | None) -> dict[str, Any]:
@@ -94,6 +109,7 @@ def backfill(partitions: list[str], env: dict[str, str], capped_limit: int | Non
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "bench.memory_job"], cwd=PROJECT, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
+            idle = idle_rss(psutil.Process(daemon.pid))
             with RssSampler(psutil.Process(daemon.pid)) as sampler:
                 started = time.perf_counter()
                 submit = subprocess.run([str(BIN / "dagster"), "job", "backfill", "-m", "bench.memory_job", "-j",
@@ -114,14 +130,14 @@ def backfill(partitions: list[str], env: dict[str, str], capped_limit: int | Non
             daemon.wait()
         failed = [r.run_id for r in runs if not r.is_success]
     shutil.rmtree(home, ignore_errors=True)
-    return {"wall_s": wall, "peak_rss": sampler.peak, "failed_runs": len(failed)}
+    return {"wall_s": wall, "peak_rss": sampler.peak, "idle_daemon_rss": idle, "failed_runs": len(failed)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--partitions", type=int, default=16)
-    parser.add_argument("--ballast-mb", type=int, default=400)
-    parser.add_argument("--cpu-s", type=float, default=1.5)
+    parser.add_argument("--ballast-mb", type=int, default=500)
+    parser.add_argument("--cpu-s", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--capped-runs", type=int, default=4, help="runs the budget is sized for")
     args = parser.parse_args()
@@ -130,9 +146,10 @@ def main() -> None:
            "QUIVER_BALLAST_CPU_S": str(args.cpu_s), "QUIVER_BALLAST_PARTITIONS": str(args.partitions),
            "OMP_NUM_THREADS": "1"}
 
-    # What one run needs, measured: the peak summed RSS of a one-partition backfill (its daemon included, so
-    # the figure errs on the safe side).
-    per_run = backfill(partitions[:1], env, None)["peak_rss"]
+    # What one run needs, measured: the peak summed RSS of a one-partition backfill less the idle daemon's
+    # footprint (the daemon is there once, whatever the number of runs).
+    calibration = backfill(partitions[:1], env, None)
+    per_run = calibration["peak_rss"] - calibration["idle_daemon_rss"]
     # A budget for capped_runs runs at once (the model class gets 60% of it), well below all N at once.
     budget = int(per_run * args.capped_runs / 0.6)
     from quiver.memory import compute_limits, format_size, memory_settings
@@ -142,8 +159,9 @@ def main() -> None:
     limit = limits.classes["model"].limit
     capped_env = {**env, "QUIVER_MEMORY_BUDGET": str(budget), "QUIVER_MEMORY_NEED_MODEL": str(per_run),
                   "QUIVER_CPU_COUNT": str(args.partitions)}
-    print(f"one run needs {format_size(per_run)}; budget {format_size(budget)}; model-class limit {limit}; "
-          f"uncapped needs about {format_size(per_run * args.partitions)}", flush=True)
+    print(f"one run needs {format_size(per_run)} (daemon {format_size(calibration['idle_daemon_rss'])}); budget "
+          f"{format_size(budget)}; model-class limit {limit}; uncapped needs about "
+          f"{format_size(calibration['idle_daemon_rss'] + per_run * args.partitions)}", flush=True)
 
     results: dict[str, list[dict[str, Any]]] = {"capped": [], "uncapped": []}
     for repeat in range(args.repeats):
@@ -174,7 +192,8 @@ def main() -> None:
         ["capped / uncapped wall", f"{capped_wall:.1f}s / {uncapped_wall:.1f}s = {ratio:.2f}x", "<= 1.3x",
          ratio <= 1.3],
     ])
-    write_results("concurrency", {"per_run_bytes": per_run, "budget_bytes": budget, "limit": limit,
+    write_results("concurrency", {"args": vars(args), "per_run_bytes": per_run, "calibration": calibration,
+                                  "budget_bytes": budget, "limit": limit,
                                   "results": results, "ratio": ratio, "table": table})
 
 

@@ -13,7 +13,7 @@ from assets.retrieval_eval import (
     results_are_corpus_documents,
     retrieval_eval,
 )
-from platform_defs.executor import quiver_executor
+from platform_defs.executor import job_executor
 from platform_defs.jobs import eval_job, index_job, ingest_job
 from platform_defs.limits import limits_at_load
 from platform_defs.resources import build_resources
@@ -34,7 +34,7 @@ defs = Definitions(
     sensors=[inbox_sensor],
     schedules=[index_maintenance_schedule, evaluation_schedule],
     resources=build_resources(),
-    executor=quiver_executor(preload_model=True),
+    executor=job_executor(preload_model=True),
 )
 
 

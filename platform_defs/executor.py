@@ -104,6 +104,22 @@ class MemoryBoundExecutor(MultiprocessExecutor):
                                                 message, EngineEventData())
 
 
+def job_executor(preload_model: bool = True):  # noqa: ANN201 - an ExecutorDefinition
+    """The executor of Quiver's jobs. By default the memory-bound multiprocess executor on this machine; with
+    QUIVER_EXECUTOR=celery, Dagster's Celery executor, which sends each step to the queue of its memory class
+    (QUIVER_CELERY_BROKER, QUIVER_CELERY_BACKEND) for workers on any machine to run."""
+    choice = os.environ.get("QUIVER_EXECUTOR", "multiprocess")
+    if choice == "celery":
+        from dagster_celery import celery_executor
+
+        return celery_executor.configured(
+            {"broker": {"env": "QUIVER_CELERY_BROKER"}, "backend": {"env": "QUIVER_CELERY_BACKEND"}},
+            name="quiver_celery")
+    if choice != "multiprocess":
+        raise QuiverError(f"QUIVER_EXECUTOR={choice!r}: use multiprocess (the default) or celery")
+    return quiver_executor(preload_model)
+
+
 def quiver_executor(preload_model: bool = True, preload: tuple[str, ...] = (DEFINITIONS_MODULE,)):  # noqa: ANN201
     """Steps fork from a forkserver that imported the definitions (and, by default, loaded the model);
     their concurrency is bound by memory. An explicit preload list replaces Dagster's default one, so it

@@ -2,7 +2,7 @@
 
 from dagster import AssetSelection, define_asset_job
 
-from platform_defs.executor import quiver_executor
+from platform_defs.executor import job_executor
 
 INGEST_ASSETS = ("documents", "chunks", "embeddings")
 INDEX_ASSETS = ("faiss_index", "milvus_collection")
@@ -19,7 +19,7 @@ index_job = define_asset_job(
     selection=AssetSelection.assets(*INDEX_ASSETS),
     description="Bring the FAISS index and the Milvus collection up to date with every source.",
     # No step of this job encodes texts: its forkserver skips the model preload.
-    executor_def=quiver_executor(preload_model=False),
+    executor_def=job_executor(preload_model=False),
 )
 
 eval_job = define_asset_job(
@@ -27,5 +27,5 @@ eval_job = define_asset_job(
     selection=AssetSelection.assets(*EVAL_ASSETS),
     description="Retrieval quality of both indexes on a BEIR source (a partition), with its checks.",
     # Queries are few: the model loads in the step, no forkserver preload is needed.
-    executor_def=quiver_executor(preload_model=False),
+    executor_def=job_executor(preload_model=False),
 )

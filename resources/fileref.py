@@ -6,6 +6,7 @@ every load that it points inside the storage root and that the file still has it
 """
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -87,8 +88,21 @@ class _HashingSink:
         return self.size
 
 
+def is_local(path: UPath) -> bool:
+    return path.protocol in ("", "file", "local")
+
+
+def flush_to_disk(handle: Any) -> None:
+    """fsync a local file; an object store's file is durable once it is closed."""
+    handle.flush()
+    try:
+        os.fsync(handle.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+
+
 def atomic_replace(tmp: UPath, final: UPath) -> None:
-    if tmp.protocol in ("", "file", "local"):
+    if is_local(tmp):
         os.replace(tmp.path, final.path)
     else:  # object stores: a single put is atomic; rename is copy + delete
         tmp.rename(final)
@@ -99,9 +113,7 @@ def write_text_atomic(path: UPath, text: str) -> None:
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     with tmp.open("w", encoding="utf-8") as fh:
         fh.write(text)
-        fh.flush()
-        if hasattr(fh, "fileno"):
-            os.fsync(fh.fileno())
+        flush_to_disk(fh)
     atomic_replace(tmp, path)
 
 
@@ -134,9 +146,7 @@ class ParquetFileWriter:
 
     def close(self) -> FileRef:
         self._writer.close()
-        self._handle.flush()
-        if hasattr(self._handle, "fileno"):
-            os.fsync(self._handle.fileno())
+        flush_to_disk(self._handle)
         self._handle.close()
         sha = self._sink.digest.hexdigest()
         final = self.directory / f"{sha[:24]}.parquet"

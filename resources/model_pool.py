@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import queue
+import socket
 import threading
 import time
 from collections import Counter
@@ -461,6 +462,7 @@ class ModelPool(ConfigurableResource):
             "model_loaded_by_pid": state.loaded_by_pid,
             "model_loads_in_step_process": loads_in_this_process(),
             "model_loads_by_pid": {str(pid): n for pid, n in LOADS_BY_PID.items()},
+            "host": socket.gethostname(),
             "step_pid": os.getpid(),
             "step_parent_pid": os.getppid(),
             "model_load_seconds": round(state.load_seconds, 3) if not state.inherited else 0.0,

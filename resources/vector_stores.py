@@ -30,7 +30,7 @@ from quiver.errors import ConfigError, QuiverError
 from quiver.retry import RetrySettings, call_with_retries
 from quiver.settings import default_milvus_uri, default_storage_root, env_value, from_env
 from quiver.vector_index import IndexSettings, build_index, search_index
-from resources.fileref import atomic_replace, write_text_atomic
+from resources.fileref import atomic_replace, is_local, write_text_atomic
 
 T = TypeVar("T")
 SNIPPET_CHARS = 2000
@@ -53,8 +53,7 @@ class SearchHit:
     text: str
 
 
-def _local(path: UPath) -> bool:
-    return path.protocol in ("", "file", "local")
+_local = is_local
 
 
 @dataclass
@@ -188,21 +187,27 @@ class FaissStore(ConfigurableResource):
 
     @contextmanager
     def writing_version(self, key: str) -> Iterator["FaissDraft"]:
-        """A version being written in a temp directory; renamed into place only if the block completes."""
+        """A version being written; nothing reads it until it is complete. Locally it is written in a temp
+        directory renamed into place; on an object store, which cannot rename a directory at once, it is
+        written in place with its manifest last: a version without a manifest is never trusted."""
         self._remove_abandoned_drafts()
-        tmp = self.root / "versions" / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        draft = FaissDraft(tmp)
+        final = self.version_dir(key)
+        local = _local(final)
+        target = self.root / "versions" / f".tmp-{uuid.uuid4().hex}" if local else final
+        if not local and final.exists():
+            self._remove(final)
+        target.mkdir(parents=True, exist_ok=True)
+        draft = FaissDraft(target)
         try:
             yield draft
             draft.complete(key)
-            final = self.version_dir(key)
-            if final.exists():
-                self._remove(final)
-            atomic_replace(tmp, final)
+            if local:
+                if final.exists():
+                    self._remove(final)
+                atomic_replace(target, final)
         except BaseException:
             draft.abort()
-            self._remove(tmp)
+            self._remove(target)
             raise
 
     def write_version(self, key: str, vectors: np.ndarray, payload: pa.Table,
@@ -320,6 +325,18 @@ class MilvusStore(ConfigurableResource):
                                    description="Most bytes per request, well under Milvus's 64 MB limit.")
     lite_open_timeout_s: float = Field(default=60.0, description="Wait this long for another process to "
                                                                  "release a Milvus Lite database.")
+    create_database: bool = Field(default=True, description="Create db_name on the server if it is missing.")
+    secure: bool = Field(default_factory=lambda: os.environ.get("QUIVER_MILVUS_TLS", "") in ("1", "true", "yes"),
+                         description="TLS to the server (QUIVER_MILVUS_TLS=1).")
+    server_pem_path: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_SERVER_PEM"),
+                                 description="The server's certificate, for one-way TLS.")
+    server_name: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_SERVER_NAME"),
+                             description="The name the server's certificate is issued to.")
+    ca_pem_path: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_CA_PEM"), description="CA, for mutual TLS.")
+    client_pem_path: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_CLIENT_PEM"),
+                                 description="Client certificate, for mutual TLS.")
+    client_key_path: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_CLIENT_KEY"),
+                                 description="Client key, for mutual TLS.")
     retry_attempts: int = Field(default=6, ge=1, description="Attempts of a call that fails transiently.")
     retry_max_wait_s: float = Field(default=10.0, description="Longest wait between two attempts (exponential "
                                                               "backoff with jitter below it).")
@@ -347,11 +364,7 @@ class MilvusStore(ConfigurableResource):
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 
-        kwargs: dict[str, Any] = {"uri": self.uri}
-        if env_value(self.token):
-            kwargs["token"] = env_value(self.token)
-        if self.db_name:
-            kwargs["db_name"] = self.db_name
+        kwargs: dict[str, Any] = {"uri": self.uri, **self._server_options()}
         lite = "://" not in self.uri
         if lite:
             os.makedirs(os.path.dirname(os.path.abspath(self.uri)), exist_ok=True)
@@ -361,6 +374,8 @@ class MilvusStore(ConfigurableResource):
         deadline = time.monotonic() + (self.lite_open_timeout_s if lite else 0)
         while True:
             try:
+                if self.db_name and not lite:
+                    return self._connect_to_database(MilvusClient, kwargs)
                 return MilvusClient(**kwargs)
             except MilvusException as exc:
                 if not lite:
@@ -372,6 +387,29 @@ class MilvusStore(ConfigurableResource):
                         f"Close the other process, or use a Milvus server for concurrent access. ({exc})"
                     ) from exc
                 time.sleep(0.5)
+
+    def _server_options(self) -> dict[str, Any]:
+        """Credentials and TLS for a server: the same client and code paths as Milvus Lite otherwise."""
+        options: dict[str, Any] = {}
+        if env_value(self.token):
+            options["token"] = env_value(self.token)
+        if self.secure:
+            options["secure"] = True
+            for name in ("server_pem_path", "server_name", "ca_pem_path", "client_pem_path", "client_key_path"):
+                if getattr(self, name):
+                    options[name] = getattr(self, name)
+        return options
+
+    def _connect_to_database(self, client_class: Any, kwargs: dict[str, Any]) -> Any:
+        """A client on db_name, which is created first when it does not exist yet and create_database is on."""
+        admin = client_class(**kwargs)
+        if self.db_name not in admin.list_databases():
+            if not self.create_database:
+                raise ConfigError(f"Milvus database {self.db_name!r} does not exist at {self.uri} (create it, or "
+                                  "set create_database)")
+            admin.create_database(self.db_name)
+        admin.close()
+        return client_class(**kwargs, db_name=self.db_name)
 
     def _call(self, what: str, call: Callable[[Any], T]) -> T:
         """call(client), retried on transient errors (a reconnect before each new attempt); permanent errors

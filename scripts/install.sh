@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Any other torch spec pulls GBs of CUDA packages: keep the pin, and install it before sentence-transformers.
 .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+.venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev,production]'

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure the local services the tests use are up (PostgreSQL, Redis), starting any that stopped.
+# Makes sure the local services the tests use are up (PostgreSQL, Redis, RabbitMQ), starting any that stopped.
 set -uo pipefail
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_up() { for _ in $(seq 1 30); do up "$1" && return 0; sleep 1; done; return 1; }
@@ -14,5 +14,11 @@ if ! up 6379; then
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || redis-server --daemonize yes --port 6379 --save ""
   wait_up 6379 || echo "Redis did not come up on 127.0.0.1:6379" >&2
+fi
+if ! up 5672; then
+  echo "starting RabbitMQ" >&2
+  rabbitmq-server -detached || true
+  for _ in $(seq 1 60); do up 5672 && break; sleep 1; done
+  up 5672 || echo "RabbitMQ did not come up on 127.0.0.1:5672" >&2
 fi
 exit 0

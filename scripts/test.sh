@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/browser.sh
 bash scripts/services.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

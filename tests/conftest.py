@@ -59,3 +59,112 @@ def milvus_server(tmp_path: Path) -> Iterator[Any]:
     server = MilvusServer(tmp_path / "milvus-server")
     yield server.start()
     server.kill()
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """A service the test needs: its absence fails the test under CI, and skips it elsewhere."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        message = f"{name} is not reachable at {host}:{port} ({exc}); scripts/services.sh starts it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (trust auth on 127.0.0.1:5432), dropped afterwards."""
+    import uuid
+
+    import psycopg2
+
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    name = f"quiver_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        # The driver is named: SQLAlchemy 2.1 reads a bare postgresql:// with psycopg 3, which dagster-postgres
+        # does not support yet (dagster-io/dagster#33958).
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        cursor = admin.cursor()
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
+
+
+@pytest.fixture
+def production_home(tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A DAGSTER_HOME with the production instance (deploy/production/dagster.yaml) on a fresh database."""
+    from resources import embedding_cache
+    from resources.vector_stores import close_milvus_clients
+
+    home = tmp_path / "production_home"
+    home.mkdir()
+    shutil.copy(PROJECT / "deploy" / "production" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("QUIVER_POSTGRES_URL", postgres_url)
+    monkeypatch.setenv("QUIVER_MAX_CONCURRENT_RUNS", "4")
+    for name in QUIVER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    close_milvus_clients()
+    embedding_cache.clear_l1()
+    embedding_cache._SEGMENTS.clear()
+    yield home
+    close_milvus_clients()
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An S3-compatible object store in its own process (moto's server), with a bucket `quiver`; the
+    environment points fsspec (and so universal-pathlib) at it. Yields the endpoint URL."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {"endpoint_url": endpoint, "key": "quiver", "secret": "quiver-secret"}
+    monkeypatch.setenv("FSSPEC_S3", json.dumps(options))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "quiver")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "quiver-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf)  # this process imported fsspec before the variable was set
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                import s3fs
+
+                s3fs.S3FileSystem.clear_instance_cache()
+                s3fs.S3FileSystem(**options).mkdir("quiver")
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield endpoint
+    finally:
+        fsspec.config.conf.pop("s3", None)
+        server.kill()
+        server.wait()
+
+
+RABBITMQ_URL = "pyamqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    return RABBITMQ_URL

@@ -117,3 +117,98 @@ def test_ui_marks_exactly_the_edited_stage_and_downstream_stale(
     after = statuses()
     assert after == {"documents": "FRESH", "chunks": "STALE", "embeddings": "STALE", "faiss_index": "STALE",
                      "milvus_collection": "STALE"}
+
+
+ARTIFACTS = PROJECT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_browser_sees_every_asset_and_materializes_a_source(quiver_home: Path, tmp_path: Path) -> None:
+    """`dagster dev` on the project, driven in headless Chromium: every asset in the lineage, a source
+    materialized from the UI, its run seen succeeding. Screenshots go to test-artifacts/."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        message = "Debian's chromium is not installed (scripts/browser.sh installs it)"
+        if os.environ.get("CI"):
+            raise AssertionError(message)
+        import pytest
+
+        pytest.skip(message)
+    ARTIFACTS.mkdir(exist_ok=True)
+    beir = tmp_path / "tiny"
+    shutil.copytree(PROJECT / "tests" / "fixtures" / "tiny_beir", beir)
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home), "HF_HUB_OFFLINE": "1"}
+    added = subprocess.run([str(Path(sys.executable).parent / "quiver"), "source", "add", "tiny", str(beir)],
+                           cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    port = _free_port()
+    dev = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h",
+                            "127.0.0.1", "-p", str(port)], cwd=PROJECT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    page.goto(f"{base}/asset-groups", timeout=10_000)
+                    break
+                except Exception:  # noqa: BLE001 - the webserver is still starting
+                    assert dev.poll() is None, "dagster dev exited"
+                    assert time.monotonic() < deadline, "dagster dev did not serve the UI within 180 s"
+                    time.sleep(2)
+            skip = page.get_by_role("button", name="Skip")  # the community sign-up dialog of a fresh instance
+            skip.click(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-lineage.png"))
+            seen: set[str] = set()
+            groups = {"ingest": ("documents", "chunks", "embeddings"), "index": ("faiss_index", "milvus_collection"),
+                      "evaluation": ("retrieval_eval",)}
+            for group, assets in groups.items():
+                page.goto(f"{base}/locations/platform_defs/asset-groups/{group}", timeout=30_000)
+                for asset in assets:
+                    page.get_by_text(asset, exact=True).first.wait_for(timeout=60_000)
+                    seen.add(asset)
+                page.screenshot(path=str(ARTIFACTS / f"ui-group-{group}.png"))
+            assert seen == {"documents", "chunks", "embeddings", "faiss_index", "milvus_collection", "retrieval_eval"}
+
+            # Materialize the source from the UI: all three ingest assets, every partition (the one source).
+            page.goto(f"{base}/locations/platform_defs/asset-groups/ingest", timeout=30_000)
+            page.get_by_role("button", name="Materialize all…").click(timeout=60_000)
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_role("button", name="All", exact=True).click()
+            dialog.get_by_text("1 partition", exact=True).wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-launch.png"))
+            dialog.get_by_role("button", name="Launch 1 run").click()
+            dialog.wait_for(state="detached", timeout=60_000)  # the launch went through; leaving earlier aborts it
+            page.get_by_text("Launched run", exact=False).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-launched.png"))
+            page.goto(f"{base}/runs", timeout=30_000)
+            deadline = time.monotonic() + 300
+            while True:  # the table fills in after each load: wait for the status, not for the page
+                try:
+                    page.get_by_text("Success", exact=True).first.wait_for(timeout=10_000)
+                    break
+                except Exception:  # noqa: BLE001 - not finished yet
+                    assert not page.get_by_text("Failure", exact=True).count(), "the run failed"
+                    assert time.monotonic() < deadline, "no run succeeded within 300 s"
+                    page.reload()
+            page.screenshot(path=str(ARTIFACTS / "ui-run-succeeded.png"))
+            browser.close()
+    finally:
+        os.killpg(dev.pid, 9)
+        dev.wait(timeout=30)
+    from dagster import AssetKey, DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(AssetKey("embeddings"))
+        assert event is not None and event.asset_materialization.partition == "tiny"
+        run = instance.get_run_by_id(event.run_id)
+        assert run.is_success and run.tags["dagster/partition"] == "tiny"
+        assert run.tags.get("dagster/from_ui") == "true"  # launched from the browser
