@@ -145,6 +145,47 @@ def incremental(res: dict[str, Any], instance: Any, partition: str, source: Path
             "faiss_mode": changed["faiss_index"]["mode"]}
 
 
+def paired_ratio(runs: dict[str, list[dict[str, Any]]], over: str, under: str) -> float:
+    """Median over repeats of over/under, each ratio taken within one repeat: a repeat's modes run back to back,
+    so a machine that speeds up or slows down during the benchmark does not skew the ratio."""
+    return median([a["seconds"] / b["seconds"] for a, b in zip(runs[over], runs[under], strict=True)])
+
+
+def tables(results: dict[str, Any]) -> str:
+    rows, inc_rows = [], []
+    for name, entry in results["corpora"].items():
+        runs = entry["runs"]
+        med = {mode: median([r["seconds"] for r in rs]) for mode, rs in runs.items()}
+        async_vs_embed = paired_ratio(runs, "async", "embed-only")
+        speedup = paired_ratio(runs, "sync", "async")
+        busy = {stage: median([r["stages"][stage] for r in runs["async"]]) for stage in runs["async"][0]["stages"]}
+        encode_share = busy["encode"] / sum(busy.values())
+        rows.append([name, entry["documents"], entry["chunks"], f"{med['embed-only']:.1f}", f"{med['sync']:.1f}",
+                     f"{med['async']:.1f}", f"{encode_share:.0%}", f"{async_vs_embed:.2f}x", async_vs_embed <= 1.1,
+                     f"{speedup:.2f}x", speedup >= 1.2])
+        inc = entry.get("incremental")
+        if inc:
+            changed_writes = inc["changed"]["milvus_writes"] + inc["changed"]["faiss_writes"]
+            rebuild_writes = inc["rebuild"]["milvus_writes"] + inc["rebuild"]["faiss_writes"]
+            wall = f"{inc['changed_s']:.1f}s / {inc['rebuild_s']:.1f}s = {inc['changed_s'] / inc['rebuild_s']:.1%}"
+            inc_rows.append([name, f"{inc['changed_documents']}/{inc['documents']}", wall,
+                             f"{inc['changed']['texts_encoded']} / {inc['rebuild']['texts_encoded']}",
+                             f"{changed_writes} / {rebuild_writes} = {changed_writes / max(rebuild_writes, 1):.1%}",
+                             inc["faiss_mode"]])
+    args = results["args"]
+    table = print_table(
+        f"Embed and insert ({args['device']}; seconds: medians of {args['repeats']}; ratios: medians of the "
+        "per-repeat ratios)",
+        ["corpus", "docs", "chunks", "embed-only", "sync", "async", "encode share of async busy time",
+         "async / embed-only", "<= 1.1x", "sync / async", ">= 1.2x"], rows)
+    if inc_rows:
+        table += "\n" + print_table(
+            "1% of documents changed, against a full rebuild (everything re-encoded and rewritten)",
+            ["corpus", "changed docs", "wall: changed / rebuild", "texts encoded", "vectors written (Milvus+FAISS)",
+             "FAISS update"], inc_rows)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", action="append", choices=["scifact", "stdlib"],
@@ -158,11 +199,14 @@ def main() -> None:
     parser.add_argument("--queue-maxsize", type=int, default=4)
     parser.add_argument("--insert-batch-size", type=int, default=512)
     parser.add_argument("--skip-incremental", action="store_true")
+    parser.add_argument("--table-from", type=Path, help="print the tables of a saved results file, and exit")
     args = parser.parse_args()
+    if args.table_from:
+        tables(json.loads(args.table_from.read_text()))
+        return
     corpora = args.corpus or ["scifact", "stdlib"]
 
     results: dict[str, Any] = {"args": vars(args), "corpora": {}}
-    rows, inc_rows = [], []
     for name in corpora:
         home = fresh_home(f"quiver-bench-ingest-{name}-")
         from dagster import DagsterInstance
@@ -188,40 +232,17 @@ def main() -> None:
                 runs[mode].append(one_mode(mode, res, chunks, name, args))
                 r = runs[mode][-1]
                 print(f"{name} repeat {repeat + 1} {mode}: {r['seconds']:.1f}s {r.get('stages', '')}", flush=True)
-        med = {mode: median([r["seconds"] for r in rs]) for mode, rs in runs.items()}
-        async_vs_embed = med["async"] / med["embed-only"]
-        speedup = med["sync"] / med["async"]
-        rows.append([name, meta["documents"]["rows"], chunks.rows, f"{med['embed-only']:.1f}", f"{med['sync']:.1f}",
-                     f"{med['async']:.1f}", f"{async_vs_embed:.2f}x", async_vs_embed <= 1.1,
-                     f"{speedup:.2f}x", speedup >= 1.2])
         entry: dict[str, Any] = {"documents": meta["documents"]["rows"], "chunks": chunks.rows, "runs": runs,
-                                 "medians_s": med, "async_over_embed_only": async_vs_embed, "sync_over_async": speedup}
+                                 "async_over_embed_only": paired_ratio(runs, "async", "embed-only"),
+                                 "sync_over_async": paired_ratio(runs, "sync", "async")}
         if not args.skip_incremental:
-            inc = incremental(res, instance, name, source, args)
-            entry["incremental"] = inc
-            changed_writes = inc["changed"]["milvus_writes"] + inc["changed"]["faiss_writes"]
-            rebuild_writes = inc["rebuild"]["milvus_writes"] + inc["rebuild"]["faiss_writes"]
-            wall = f"{inc['changed_s']:.1f}s / {inc['rebuild_s']:.1f}s = {inc['changed_s'] / inc['rebuild_s']:.1%}"
-            inc_rows.append([name, f"{inc['changed_documents']}/{inc['documents']}", wall,
-                             f"{inc['changed']['texts_encoded']} / {inc['rebuild']['texts_encoded']}",
-                             f"{changed_writes} / {rebuild_writes} = {changed_writes / max(rebuild_writes, 1):.1%}",
-                             inc["faiss_mode"]])
+            entry["incremental"] = incremental(res, instance, name, source, args)
         results["corpora"][name] = entry
         from resources.vector_stores import close_milvus_clients
 
         close_milvus_clients()
-    device = results["args"]["device"]
-    table = print_table(
-        f"Embed and insert ({device}, medians of {args.repeats}; seconds)",
-        ["corpus", "docs", "chunks", "embed-only", "sync", "async", "async / embed-only", "<= 1.1x",
-         "sync / async", ">= 1.2x"], rows)
-    if inc_rows:
-        table += "\n" + print_table(
-            "1% of documents changed, against a full rebuild (everything re-encoded and rewritten)",
-            ["corpus", "changed docs", "wall: changed / rebuild", "texts encoded", "vectors written (Milvus+FAISS)",
-             "FAISS update"], inc_rows)
-    results["table"] = table
-    write_results(f"ingest_{device.split(':')[0]}_{'_'.join(corpora)}", results)
+    results["table"] = tables(results)
+    write_results(f"ingest_{args.device.split(':')[0]}_{'_'.join(corpora)}", results)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def test_reexecution_from_failure_reuses_steps_and_does_nothing_twice(
     chunks = resources["store"].read_latest(["chunks"], "re").rows
     assert 0 < encoded_before < chunks, (encoded_before, chunks)
 
-    MilvusServer(milvus_server.data_dir, milvus_server.port).start()  # back, with its data
+    milvus_server.start()  # back, on the same port with its data (the fixture stops it at the end)
     rerun = subprocess.run([str(Path(sys.executable).parent / "quiver"), "reexecute", failed.run_id], cwd=PROJECT,
                            env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
