@@ -6,6 +6,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,14 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
     print(f"\nresults written to {path}")
     return path
+
+
+def wait_for_runs(instance: Any, count: int, started: float, timeout_s: float = 1800) -> list[Any]:
+    """The instance's runs once `count` of them exist and all have finished (a backfill through the daemon)."""
+    while True:
+        runs = instance.get_runs()
+        if len(runs) == count and all(r.is_finished for r in runs):
+            return runs
+        if time.perf_counter() - started > timeout_s:
+            raise RuntimeError(f"the backfill did not finish in {timeout_s / 60:.0f} minutes")
+        time.sleep(0.5)

@@ -27,7 +27,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PROJECT, median, print_table, write_results  # noqa: E402
+from bench.common import PROJECT, median, print_table, wait_for_runs, write_results  # noqa: E402
 
 INSTANCE_YAML = """\
 storage:
@@ -118,13 +118,7 @@ def backfill(partitions: list[str], env: dict[str, str], capped_limit: int | Non
                                         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
                 if submit.returncode != 0:
                     raise RuntimeError(submit.stderr[-3000:])
-                while True:
-                    runs = instance.get_runs()
-                    if len(runs) == len(partitions) and all(r.is_finished for r in runs):
-                        break
-                    if time.perf_counter() - started > 1800:
-                        raise RuntimeError("the backfill did not finish in 30 minutes")
-                    time.sleep(0.5)
+                runs = wait_for_runs(instance, len(partitions), started)
                 wall = time.perf_counter() - started
         finally:
             os.killpg(daemon.pid, 9)

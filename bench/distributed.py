@@ -29,7 +29,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PROJECT, print_table, write_results  # noqa: E402
+from bench.common import PROJECT, print_table, wait_for_runs, write_results  # noqa: E402
 from bench.concurrency import RssSampler  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -117,13 +117,7 @@ def backfill(mode: str, files: list[Path], work: Path) -> dict[str, Any]:
                         "--partitions", ",".join(names), "--noprompt"], cwd=PROJECT, env=env, check=True,
                        capture_output=True)
         with DagsterInstance.get() as instance:
-            while True:
-                runs = instance.get_runs()
-                if len(runs) == len(names) and all(r.is_finished for r in runs):
-                    break
-                if time.perf_counter() - started > 1800:
-                    raise RuntimeError("the backfill did not finish in 30 minutes")
-                time.sleep(0.5)
+            runs = wait_for_runs(instance, len(names), started)
             wall = time.perf_counter() - started
             loaders = set()  # the processes that loaded the model: each loads it once
             for name in names:
