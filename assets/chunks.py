@@ -15,14 +15,13 @@ from assets.common import (
     refs_by_partition,
     source_stage,
     stage_cache_key,
-    stage_code_version,
 )
 from quiver.chunking import Chunk, ChunkSettings, chunk_documents
+from quiver.errors import ConfigError
 from resources.fileref import FileRef, FileStore
 from resources.model_pool import ModelPool
 from resources.sources import SourceRegistry
 
-CODE_VERSION = stage_code_version(__name__)
 DOCS_PER_BATCH = 512
 
 CHUNKS_SCHEMA = pa.schema([
@@ -42,14 +41,21 @@ class ChunksConfig(Config):
     strategy: Literal["source", "tokens", "whole_document"] = Field(
         default="source", description="source: the strategy the source was registered with (tokens unless said); "
         "tokens: windows that fit the model; whole_document: title + text, truncated by the model (as MTEB).")
-    chunk_tokens: int = Field(default=256, description="Tokens per chunk, special tokens and title included.")
+    chunk_tokens: int | None = Field(default=None, ge=1, description="Tokens per chunk, special tokens and title "
+                                     "included; default: the model's window (256 for all-MiniLM-L6-v2). More than "
+                                     "the window is refused: the model would cut the text silently.")
     overlap_tokens: int = Field(default=32, description="Tokens shared by consecutive chunks of a document.")
     include_title: bool = Field(default=True, description="Prefix each chunk with its document's title.")
     force: bool = False
 
-    def settings(self, source_strategy: str) -> ChunkSettings:
+    def settings(self, source_strategy: str, window: int) -> ChunkSettings:
+        """The chunking of a source whose model reads `window` tokens (special tokens included)."""
+        if self.chunk_tokens is not None and self.chunk_tokens > window:
+            raise ConfigError(f"chunks: chunk_tokens={self.chunk_tokens} is more than the model reads ({window} "
+                              "tokens, its max_seq_length): every chunk would be cut by the model without a word. "
+                              f"Use chunk_tokens <= {window}, or leave it unset.")
         strategy = source_strategy if self.strategy == "source" else self.strategy
-        return ChunkSettings(strategy=strategy, chunk_tokens=self.chunk_tokens,  # type: ignore[arg-type]
+        return ChunkSettings(strategy=strategy, chunk_tokens=self.chunk_tokens or window,  # type: ignore[arg-type]
                              overlap_tokens=self.overlap_tokens, include_title=self.include_title)
 
 
@@ -59,15 +65,15 @@ def chunks_to_batch(chunks: list[Chunk]) -> pa.RecordBatch:
 
 def chunk_partition(context: AssetExecutionContext, partition: str, documents: FileRef, config: ChunksConfig,
                     store: FileStore, model_pool: ModelPool, sources: SourceRegistry) -> PartitionResult:
-    settings = config.settings(sources.get(partition).chunking)
-    key = stage_cache_key("chunks", partition, CODE_VERSION, {"documents": documents.sha256},
+    window = model_pool.window_tokens()
+    settings = config.settings(sources.get(partition).chunking, window)
+    key = stage_cache_key(context, partition, {"documents": documents.sha256},
                           {**asdict(settings), "tokenizer": model_pool.fingerprint()})
     cached = None if config.force else store.cached_fileref(["chunks"], partition, key)
     if cached is not None:
         context.log.info(f"chunks[{partition}]: cache hit {key}")
         return PartitionResult(cached, True, key)
     tokenizer = model_pool.tokenizer()
-    window = model_pool.window_tokens()
     tokens = 0
     over_window = 0
     with store.parquet_writer(["chunks"], partition, CHUNKS_SCHEMA) as writer:
@@ -92,7 +98,6 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
     memory="light",
     kinds={"parquet"},
     description="Token-aware chunks with stable ids (document id + position) and per-chunk hashes.",
-    code_version=CODE_VERSION,
 )
 def chunks(
     context: AssetExecutionContext, config: ChunksConfig, documents: Any, store: FileStore, model_pool: ModelPool,

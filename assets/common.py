@@ -4,10 +4,12 @@ The document-level stages have a single-run backfill policy: one run may materia
 partitions (one model load for all of them), so each stage computes a result per partition.
 """
 
+import functools
+import inspect
 import resource
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,18 +17,25 @@ from dagster import (
     AssetExecutionContext,
     AssetsDefinition,
     BackfillPolicy,
+    Backoff,
     BetaWarning,
     DataVersion,
     DynamicPartitionsDefinition,
+    Failure,
+    Jitter,
     MetadataValue,
     Output,
     PreviewWarning,
+    RetryPolicy,
     asset,
 )
 
-from quiver.codeversion import stage_version
+from quiver.codeversion import stage_versions
+from quiver.errors import ConfigError, InputError
 from quiver.hashing import sha256_json
 from quiver.memory import MEMORY_TAG, pool_name
+from quiver.names import check_source_name
+from quiver.retry import ServiceUnavailableError, is_transient
 from resources.fileref import FileRef
 
 # Output(data_version=...) is how a materialization carries its content hash; it is beta in 1.13.
@@ -43,49 +52,99 @@ single_run_backfill = BackfillPolicy.single_run()
 CELERY_QUEUE_TAG = "dagster-celery/queue"
 
 
+# Every step talks to a service (Milvus, Redis, or the storage root on an object store). A transient error that
+# outlasted the retries inside the call fails the step, which Dagster runs again after a backoff; any other
+# error fails at once (see fail_fast_unless_transient).
+SERVICE_RETRY_POLICY = RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+
+
 def memory_class(name: str) -> dict[str, Any]:
     """@asset arguments of a step of a memory class: the op tag (limits within a run), its concurrency pool
-    (the same limit across runs) and, on Celery, its queue."""
-    return {"op_tags": {MEMORY_TAG: name, CELERY_QUEUE_TAG: name}, "pool": pool_name(name)}
+    (the same limit across runs), on Celery its queue, and the retry policy for transient service errors."""
+    return {"op_tags": {MEMORY_TAG: name, CELERY_QUEUE_TAG: name}, "pool": pool_name(name),
+            "retry_policy": SERVICE_RETRY_POLICY}
 
 
-# Which stage reads which: a stage's code version includes its upstream stages' versions, so the UI
-# marks a stage and everything downstream of it stale when its code changes.
-STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
-    "assets.documents": (),
-    "assets.chunks": ("assets.documents",),
-    "assets.embeddings": ("assets.chunks",),
-    "assets.faiss_index": ("assets.embeddings",),
-    "assets.milvus_collection": ("assets.embeddings",),
-    "assets.retrieval_eval": ("assets.faiss_index", "assets.milvus_collection"),
-}
+def _permanent(exc: Exception) -> Failure:
+    metadata = {"error": type(exc).__name__}
+    if isinstance(exc, InputError):
+        metadata.update({"location": exc.location, "problem": exc.problem})
+    return Failure(description=str(exc), metadata=metadata, allow_retries=False)
 
 
-def stage_code_version(module: str) -> str:
-    return stage_version(module, STAGE_UPSTREAM)
+def fail_fast_unless_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A step body whose errors that may pass by themselves (a service down, a timeout) are raised as they are,
+    for the retry policy, and whose other errors (bad input, a wrong dimension, a bug) become a Failure
+    that is not retried, with the error's own message."""
+
+    def judged(exc: Exception) -> Exception:
+        transient = isinstance(exc, ServiceUnavailableError) or is_transient(exc)
+        return exc if transient or isinstance(exc, Failure) else _permanent(exc)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise judged(exc) from exc
+        return generator
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            failure = judged(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+    return call
 
 
-def source_stage(*, memory: str, kinds: set[str], description: str, code_version: str):  # noqa: ANN201
+def with_code_versions(assets: Sequence[AssetsDefinition]) -> list[AssetsDefinition]:
+    """The assets with their code versions set from the asset graph itself: each asset's version hashes the
+    project code its ops run (quiver.codeversion) and the versions of the assets it reads, so editing a
+    stage marks it and everything downstream stale in the UI, and its caches miss."""
+    by_key = {key: a for a in assets for key in a.keys}
+    modules = {key: sorted({op.compute_fn.decorated_fn.__module__ for op in a.node_def.iterate_op_defs()})
+               for key, a in by_key.items()}
+    upstream = {key: sorted(a.asset_deps[key], key=str) for key, a in by_key.items()}
+    versions = stage_versions(modules, upstream)
+    return [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key]))
+            for a in assets]
+
+
+def own_code_version(context: AssetExecutionContext) -> str:
+    """The code version Dagster holds for the asset being materialized (what its cache keys include)."""
+    version = context.assets_def.code_versions_by_key.get(context.asset_key)
+    if not version:
+        raise ConfigError(f"{context.asset_key.to_user_string()} has no code version: build the assets with "
+                          "assets.common.with_code_versions (platform_defs.definitions does)")
+    return version
+
+
+def source_stage(*, memory: str, kinds: set[str], description: str):  # noqa: ANN201
     """@asset for a document-level stage: partitioned by source, single-run backfills, FileRef outputs."""
 
     def decorate(fn) -> AssetsDefinition:  # noqa: ANN001
         return asset(
             partitions_def=sources_partitions,
             backfill_policy=single_run_backfill,
-            code_version=code_version,
             io_manager_key="fileref_io_manager",
             group_name="ingest",
             kinds=kinds,
             description=description,
             **memory_class(memory),
-        )(fn)
+        )(fail_fast_unless_transient(fn))
 
     return decorate
 
 
 def partitions_in_run(context: AssetExecutionContext) -> list[str]:
-    """The source partitions this run materializes: one, or a range in a single-run backfill."""
-    return list(context.partition_keys)
+    """The source partitions this run materializes: one, or a range in a single-run backfill. Each key is
+    checked first: one added from the UI or GraphQL may be anything, and keys become storage paths."""
+    return [check_source_name(key, "partition key") for key in context.partition_keys]
 
 
 def refs_by_partition(value: FileRef | Mapping[str, FileRef], partitions: list[str]) -> dict[str, FileRef]:
@@ -96,17 +155,16 @@ def refs_by_partition(value: FileRef | Mapping[str, FileRef], partitions: list[s
 
 
 def stage_cache_key(
-    asset: str,
+    context: AssetExecutionContext,
     partition: str | None,
-    code_version_: str,
     inputs: Mapping[str, Any],
     config: Mapping[str, Any],
 ) -> str:
     """Same code, same upstream data versions, same config, same partition -> same key."""
     return sha256_json({
-        "asset": asset,
+        "asset": context.asset_key.to_user_string(),
         "partition": partition,
-        "code_version": code_version_,
+        "code_version": own_code_version(context),
         "inputs": inputs,
         "config": config,
     })[:32]

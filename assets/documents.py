@@ -14,14 +14,12 @@ from assets.common import (
     partitions_in_run,
     source_stage,
     stage_cache_key,
-    stage_code_version,
 )
 from quiver.errors import InputError
 from quiver.sources import Document, ReadReport, read_documents, source_fingerprint
 from resources.fileref import FileStore
 from resources.sources import SourceRegistry
 
-CODE_VERSION = stage_code_version(__name__)
 ROWS_PER_BATCH = 2048
 
 DOCUMENTS_SCHEMA = pa.schema([
@@ -64,8 +62,8 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
                    sources: SourceRegistry) -> PartitionResult:
     spec = sources.get(partition)
     fingerprint = source_fingerprint(spec.kind, spec.path)
-    key = stage_cache_key("documents", partition, CODE_VERSION, {"source": fingerprint},
-                          {"kind": spec.kind, "path": spec.path, "on_bad_record": config.on_bad_record})
+    key = stage_cache_key(context, partition, {"source": fingerprint},
+                          {"kind": spec.kind, "path": spec.identity, "on_bad_record": config.on_bad_record})
     cached = None if config.force else store.cached_fileref(["documents"], partition, key)
     if cached is not None:
         context.log.info(f"documents[{partition}]: cache hit {key}, reusing {cached.path}")
@@ -78,7 +76,7 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
     except InputError as exc:
         # Nothing was written: the partition's last good output stays the one downstream reads.
         raise Failure(description=f"bad input in source {partition!r}: {exc}",
-                      metadata={"location": exc.location, "problem": exc.problem}) from exc
+                      metadata={"location": exc.location, "problem": exc.problem}, allow_retries=False) from exc
     assert writer.ref is not None
     store.remember_fileref(["documents"], partition, key, writer.ref)
     context.log.info(f"documents[{partition}]: {writer.ref.rows} documents from {spec.kind} source {spec.path}")
@@ -93,7 +91,6 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
     memory="io",
     kinds={"parquet"},
     description="Normalized documents of one source, each with a sha256 of its title and text.",
-    code_version=CODE_VERSION,
 )
 def documents(
     context: AssetExecutionContext, config: DocumentsConfig, store: FileStore, sources: SourceRegistry,

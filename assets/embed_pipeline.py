@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from quiver.hashing import vector_id, vector_key
+from quiver.hashing import KeyDigest, vector_id, vector_key
 from quiver.stages import PipelineReport, Stage, run_stages
 from resources.embedding_cache import CachedTexts, CacheStats, EmbeddingCache, look_up_texts, store_encoded
 from resources.fileref import ParquetFileWriter
@@ -97,10 +97,13 @@ class PartitionVectors:
     deleted: int = 0
     report: PipelineReport | None = None
     seen: set[int] = field(default_factory=set)
+    digest: KeyDigest = field(default_factory=KeyDigest)
+    deferred: str = ""  # why Milvus was not written (milvus_collection writes it instead)
 
     def as_metadata(self) -> dict[str, Any]:
-        return {"milvus_upserted": self.upserted, "milvus_unchanged": self.unchanged,
-                "milvus_deleted": self.deleted, **(self.report.as_metadata() if self.report else {})}
+        milvus = ({"milvus_deferred": self.deferred} if self.deferred else {
+            "milvus_upserted": self.upserted, "milvus_unchanged": self.unchanged, "milvus_deleted": self.deleted})
+        return {**milvus, **(self.report.as_metadata() if self.report else {})}
 
 
 class _Writer:
@@ -127,6 +130,7 @@ class _Writer:
         ids = batch.column("vector_id").to_pylist()
         keys = batch.column("vector_key").to_pylist()
         self.result.seen.update(ids)
+        self.result.digest.update(zip(ids, keys, strict=True))
         changed = [i for i, (vid, key) in enumerate(zip(ids, keys, strict=True)) if self.existing.get(vid) != key]
         self.result.unchanged += len(ids) - len(changed)
         if changed:
@@ -165,6 +169,9 @@ def embed_partition_vectors(
     fingerprint, dimension = state.fingerprint, state.dimension
     result = PartitionVectors()
     existing: dict[int, str] | None = None
+    if milvus is not None and (busy := milvus.busy_reason()):
+        # Another process has the embedded database: do not wait for it, milvus_collection writes these vectors.
+        result.deferred, milvus = f"{busy}: left to milvus_collection", None
     if milvus is not None:
         milvus.ensure_collection(dimension)
         existing = milvus.existing_keys(source=partition)
@@ -211,5 +218,6 @@ def embed_partition_vectors(
     finally:
         bar.close()
     if milvus is not None and existing is not None:
-        result.deleted = milvus.delete_ids(vid for vid in existing if vid not in result.seen)
+        result.deleted = milvus.delete_ids((vid for vid in existing if vid not in result.seen), sources={partition})
+        milvus.mark_exact({partition: result.digest.hexdigest()})  # this source now holds exactly these vectors
     return result

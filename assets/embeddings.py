@@ -14,7 +14,6 @@ from assets.common import (
     refs_by_partition,
     source_stage,
     stage_cache_key,
-    stage_code_version,
 )
 from assets.embed_pipeline import (
     CHUNK_COLUMNS,
@@ -27,8 +26,6 @@ from resources.embedding_cache import CacheStats, EmbeddingCache
 from resources.fileref import FileRef, FileStore
 from resources.model_pool import ModelPool, loads_in_this_process, metrics_metadata
 from resources.vector_stores import MilvusStore
-
-CODE_VERSION = stage_code_version(__name__)
 
 
 class EmbeddingsConfig(Config):
@@ -57,7 +54,7 @@ def embed_partition(context: AssetExecutionContext, partition: str, chunks: File
                     store: FileStore, model_pool: ModelPool, cache: EmbeddingCache, milvus: MilvusStore,
                     stats: CacheStats) -> PartitionResult:
     fingerprint = model_pool.fingerprint()
-    key = stage_cache_key("embeddings", partition, CODE_VERSION, {"chunks": chunks.sha256},
+    key = stage_cache_key(context, partition, {"chunks": chunks.sha256},
                           {"model": fingerprint, "source": partition})
     cached = None if config.force else store.cached_fileref(["embeddings"], partition, key)
     if cached is not None:
@@ -85,7 +82,6 @@ def embed_partition(context: AssetExecutionContext, partition: str, chunks: File
     kinds={"parquet", "pytorch"},
     description="One L2-normalized float32 vector per chunk, with its deterministic vector id; each source's "
                 "vectors are upserted into Milvus as they are made.",
-    code_version=CODE_VERSION,
 )
 def embeddings(
     context: AssetExecutionContext, config: EmbeddingsConfig, chunks: Any, store: FileStore,

@@ -6,8 +6,9 @@ rebuilt; so is any index once the changes since its last rebuild pass `rebuild_a
 clusters were trained on the vectors of that rebuild).
 """
 
+import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import faiss
@@ -28,7 +29,12 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.common import memory_class, run_metadata, stage_cache_key, stage_code_version
+from assets.common import (
+    fail_fast_unless_transient,
+    memory_class,
+    run_metadata,
+    stage_cache_key,
+)
 from assets.indexes_common import (
     IndexDiff,
     diff_index,
@@ -37,14 +43,13 @@ from assets.indexes_common import (
     iter_rows,
     partitions_hashes,
     reconcile,
+    skipped_metadata,
     vectors_of,
 )
-from quiver.vector_index import IndexSettings, choose_index_type, empty_index, supports_removal
-from resources.fileref import FileRef, FileStore
+from quiver.vector_index import IndexSettings, choose_index_type, empty_index, supports_removal, vectors_by_id
+from resources.fileref import SKIP_MISSING_PARTITIONS, FileRef, FileStore, PartitionRefs
 from resources.model_pool import ModelPool
 from resources.vector_stores import FaissDraft, FaissStore
-
-CODE_VERSION = stage_code_version(__name__)
 
 
 class FaissIndexConfig(Config):
@@ -63,17 +68,31 @@ def _add_rows(index: faiss.Index, draft: FaissDraft, batches: Any) -> int:
     return added
 
 
+def carried_rows(faiss_store: FaissStore, current: str | None, ids: set[int]) -> Iterator[pa.RecordBatch]:
+    """The current version's rows (payload and vector) of the given ids: the vectors of skipped sources, which a
+    rebuild keeps as they are."""
+    if not current or not ids:
+        return
+    index = faiss_store.read_index(current)
+    wanted = pa.array(sorted(ids), pa.int64())
+    for batch in faiss_store.iter_payload(current):
+        batch = batch.filter(pc.is_in(batch.column("vector_id"), value_set=wanted))
+        if batch.num_rows:
+            vectors = vectors_by_id(index, batch.column("vector_id").to_numpy())
+            flat = pa.array(vectors.reshape(-1), pa.float32())
+            yield batch.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+
+
 def rebuild_version(draft: FaissDraft, store: FileStore, embeddings: Mapping[str, FileRef], diff: IndexDiff,
-                    settings: IndexSettings, dimension: int) -> dict[str, Any]:
-    n = len(diff.desired)
+                    settings: IndexSettings, dimension: int, carried: Iterable[pa.RecordBatch]) -> dict[str, Any]:
+    n = len(diff.desired) + len(diff.protected)
     kind = choose_index_type(settings, n)
     index = empty_index(kind, dimension, settings, n)
+    batches: Iterable[pa.RecordBatch] = itertools.chain(iter_rows(store, embeddings), carried)
     if kind == "ivf" and n:
         # IVF clusters are trained on the vectors first; the other types take them batch by batch.
-        batches = list(iter_rows(store, embeddings))
+        batches = list(batches)
         index.train(np.vstack([vectors_of(b) for b in batches]))
-    else:
-        batches = iter_rows(store, embeddings)
     added = _add_rows(index, draft, batches)
     draft.index = index
     return {"index_type": kind, "mode": "rebuild", "added": added, "removed": diff.held,
@@ -110,8 +129,7 @@ def can_update(manifest: dict[str, Any], settings: IndexSettings, dimension: int
 
 
 @asset(
-    ins={"embeddings": AssetIn()},
-    code_version=CODE_VERSION,
+    ins={"embeddings": AssetIn(metadata={SKIP_MISSING_PARTITIONS: True})},
     # After sources are (re)ingested, by the inbox sensor or anyone, the automation daemon brings the index up
     # to date once no source is still being ingested.
     automation_condition=AutomationCondition.eager(),
@@ -120,60 +138,72 @@ def can_update(manifest: dict[str, Any], settings: IndexSettings, dimension: int
     **memory_class("io"),
     description="FAISS index (exact inner product by default; IVF/HNSW by config or size) plus its id map.",
 )
+@fail_fast_unless_transient
 def faiss_index(
-    context: AssetExecutionContext, config: FaissIndexConfig, embeddings: dict[str, FileRef], store: FileStore,
+    context: AssetExecutionContext, config: FaissIndexConfig, embeddings: PartitionRefs, store: FileStore,
     faiss_store: FaissStore,
 ) -> MaterializeResult:
     started = time.perf_counter()
     settings = faiss_store.settings()
-    key = stage_cache_key("faiss_index", None, CODE_VERSION, partitions_hashes(embeddings), settings.__dict__)
-    if faiss_store.has_version(key) and not config.force:
-        faiss_store.make_current(key)
-        manifest = faiss_store.manifest(key)
-        context.log.info(f"faiss_index: cache hit {key}, {manifest['ntotal']} vectors")
+    # Skipped sources are in the key: their vectors are carried over as they are, so the content differs.
+    key = stage_cache_key(context, None, partitions_hashes(embeddings),
+                          {**settings.__dict__, "skipped": sorted(embeddings.skipped)})
+    cached = None if (config.force or config.rebuild) else faiss_store.version_for(key)
+    if cached is not None:
+        faiss_store.make_current(cached)
+        manifest = faiss_store.manifest(cached)
+        context.log.info(f"faiss_index: cache hit {key}, {manifest['ntotal']} vectors, version {cached}")
         return MaterializeResult(
             data_version=DataVersion(manifest["content_hash"]),
             metadata={"cache_hit": True, "cache_key": key, "vectors": manifest["ntotal"],
-                      "index_type": manifest["index_type"],
-                      "path": MetadataValue.path(str(faiss_store.version_dir(key)))},
+                      "index_type": manifest["index_type"], "version": cached,
+                      "path": MetadataValue.path(str(faiss_store.version_dir(cached)))},
         )
-    current = faiss_store.current_key()
+    current = faiss_store.current_version()
     current_manifest = faiss_store.manifest(current) if current and faiss_store.has_version(current) else None
-    diff = diff_index(store, embeddings, faiss_store.payload_keys(current) if current_manifest else {})
+    held = faiss_store.payload_keys(current) if current_manifest else {}
+    protected = faiss_store.ids_of_sources(current, set(embeddings.skipped)) if current_manifest else set()
+    diff = diff_index(store, embeddings, held, protected)
     dimension = embedding_dimension(store, embeddings) or (current_manifest or {}).get("dimension", 0)
     with faiss_store.writing_version(key) as draft:
         build_started = time.perf_counter()
         if current_manifest and can_update(current_manifest, settings, dimension, diff, config):
             facts = update_version(draft, faiss_store, current, store, embeddings, diff, current_manifest)
         else:
-            facts = rebuild_version(draft, store, embeddings, diff, settings, dimension)
+            facts = rebuild_version(draft, store, embeddings, diff, settings, dimension,
+                                    carried_rows(faiss_store, current if current_manifest else None, protected))
         draft.manifest = {**facts, "content_hash": diff.content_hash(), "partitions": sorted(embeddings),
                           "settings": settings.__dict__, "build_seconds": time.perf_counter() - build_started}
     manifest = draft.manifest
-    faiss_store.make_current(key)
+    faiss_store.make_current(draft.version)
     context.log.info(f"faiss_index: {manifest['ntotal']} vectors, {manifest['index_type']} index, {facts['mode']} "
-                     f"(+{facts['added']} -{facts['removed']}), version {key}")
+                     f"(+{facts['added']} -{facts['removed']}), version {draft.version}")
     return MaterializeResult(
         data_version=DataVersion(manifest["content_hash"]),
         metadata=run_metadata(started, int(manifest["ntotal"]), {
-            "cache_hit": False, "cache_key": key, "vectors": manifest["ntotal"],
+            "cache_hit": False, "cache_key": key, "vectors": manifest["ntotal"], "version": draft.version,
             "index_type": manifest["index_type"], "dimension": manifest["dimension"], "mode": facts["mode"],
             "vectors_added": facts["added"], "vectors_removed": facts["removed"], "unchanged": diff.unchanged,
             "partitions": MetadataValue.json(sorted(embeddings)),
+            **skipped_metadata(embeddings, len(diff.protected)),
             "build_seconds": MetadataValue.float(round(manifest["build_seconds"], 3)),
-            "path": MetadataValue.path(str(faiss_store.version_dir(key))),
+            "path": MetadataValue.path(str(faiss_store.version_dir(draft.version))),
         }),
     )
 
 
-@asset_check(asset=faiss_index, additional_ins={"chunks": AssetIn("chunks")}, blocking=True,
+@asset_check(asset=faiss_index, additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True})},
+             blocking=True,
              **memory_class("io"),
              description="The current FAISS version holds exactly one vector per current chunk: none missing, "
                          "none stale or out of date, none twice.")
-def faiss_index_matches_chunks(chunks: dict[str, FileRef], store: FileStore, faiss_store: FaissStore,
+@fail_fast_unless_transient
+def faiss_index_matches_chunks(chunks: PartitionRefs, store: FileStore, faiss_store: FaissStore,
                                model_pool: ModelPool) -> AssetCheckResult:
     expected = expected_vectors(store, chunks, model_pool.fingerprint())
-    current = faiss_store.current_key()
-    found = reconcile("FAISS", expected, faiss_store.held_vectors(current) if current else ())
+    current = faiss_store.current_version()
+    protected = faiss_store.ids_of_sources(current, set(chunks.skipped)) if current else set()
+    found = reconcile("FAISS", expected, faiss_store.held_vectors(current) if current else (), protected)
+    found.skipped = dict(chunks.skipped)
     return AssetCheckResult(passed=found.exact, description=found.describe(),
                             metadata={**found.metadata(), "version": current or ""})

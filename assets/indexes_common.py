@@ -3,22 +3,43 @@ index holds and what it should hold (one vector per current chunk, under the chu
 
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from dagster import MetadataValue
 
 from quiver.errors import QuiverError
-from quiver.hashing import vector_id, vector_key
-from resources.fileref import FileRef, FileStore
+from quiver.hashing import KeyDigest, vector_id, vector_key
+from resources.fileref import FileRef, FileStore, PartitionRefs
 
 KEY_COLUMNS = ["vector_id", "vector_key"]
 
 
 def partitions_hashes(embeddings: Mapping[str, FileRef]) -> dict[str, str]:
     return {partition: ref.sha256 for partition, ref in sorted(embeddings.items())}
+
+
+def skipped_metadata(refs: PartitionRefs, left_as_they_are: int) -> dict[str, Any]:
+    """What an index did without: the sources that have no good output yet, why, and their vectors kept."""
+    if not refs.skipped:
+        return {}
+    return {"skipped_sources": MetadataValue.json(refs.skipped), "vectors_left_as_they_are": left_as_they_are}
+
+
+def partition_digest(store: FileStore, ref: FileRef) -> str:
+    """KeyDigest of a partition's (vector id, vector key) pairs, read once per output and remembered."""
+    cached = store.cache_get(["_digests"], None, ref.sha256)
+    if cached and "digest" in cached:
+        return str(cached["digest"])
+    digest = KeyDigest()
+    for batch in store.iter_batches(ref, 65536, columns=KEY_COLUMNS):
+        digest.update(zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(), strict=True))
+    store.cache_put(["_digests"], None, ref.sha256, {"digest": digest.hexdigest()})
+    return digest.hexdigest()
 
 
 def vectors_of(batch: pa.RecordBatch) -> np.ndarray:
@@ -45,6 +66,7 @@ class IndexDiff:
     to_write: dict[str, set[int]] = field(default_factory=dict)  # by partition: new, or held under another key
     changed: set[int] = field(default_factory=set)  # held under another key (replace)
     stale: set[int] = field(default_factory=set)  # held, but no current chunk has the id (delete)
+    protected: set[int] = field(default_factory=set)  # held for a skipped source: kept as they are
 
     @property
     def writes(self) -> int:
@@ -58,8 +80,12 @@ class IndexDiff:
         return content_hash(self.desired)
 
 
-def diff_index(store: FileStore, embeddings: Mapping[str, FileRef], held: Mapping[int, str]) -> IndexDiff:
-    """Compares a store's {id: key} with every partition's embeddings, reading only the id and key columns."""
+def diff_index(store: FileStore, embeddings: Mapping[str, FileRef], held: Mapping[int, str],
+               protected: AbstractSet[int] = frozenset()) -> IndexDiff:
+    """Compares a store's {id: key} with every partition's embeddings, reading only the id and key columns.
+
+    `protected` ids belong to sources skipped for want of a good output: they are left as they are, never
+    counted stale."""
     diff = IndexDiff(desired={}, held=len(held))
     owner: dict[int, str] = {}
     for partition, ref in sorted(embeddings.items()):
@@ -79,7 +105,8 @@ def diff_index(store: FileStore, embeddings: Mapping[str, FileRef], held: Mappin
                         diff.changed.add(vid)
         if writes:
             diff.to_write[partition] = writes
-    diff.stale = {vid for vid in held if vid not in diff.desired}
+    diff.stale = {vid for vid in held if vid not in diff.desired and vid not in protected}
+    diff.protected = set(protected)
     return diff
 
 
@@ -125,6 +152,8 @@ class Reconciliation:
     stale: list[int] = field(default_factory=list)  # a vector whose chunk no longer exists
     wrong: list[int] = field(default_factory=list)  # a vector made from other text (or another model)
     duplicates: int = 0  # vectors held more than once under one id
+    left_as_they_are: int = 0  # vectors of sources skipped for want of a good output
+    skipped: dict[str, str] = field(default_factory=dict)  # those sources, and why
 
     @property
     def exact(self) -> bool:
@@ -132,22 +161,33 @@ class Reconciliation:
 
     def describe(self) -> str:
         if self.exact:
-            return f"{self.store}: exactly one vector for each of the {self.expected} current chunks"
-        return (f"{self.store}: {len(self.missing)} missing, {len(self.stale)} stale, {len(self.wrong)} out of date, "
-                f"{self.duplicates} duplicated (holds {self.held}, expected {self.expected})")
+            text = f"{self.store}: exactly one vector for each of the {self.expected} current chunks"
+        else:
+            text = (f"{self.store}: {len(self.missing)} missing, {len(self.stale)} stale, {len(self.wrong)} out of "
+                    f"date, {self.duplicates} duplicated (holds {self.held}, expected {self.expected})")
+        if self.skipped:
+            text += (f"; sources without a good output, not compared ({self.left_as_they_are} of their vectors left "
+                     f"as they are): {', '.join(sorted(self.skipped))}")
+        return text
 
     def metadata(self) -> dict[str, Any]:
         return {"expected": self.expected, "held": self.held, "missing": len(self.missing),
+                "left_as_they_are": self.left_as_they_are, "skipped_sources": dict(self.skipped),
                 "stale": len(self.stale), "out_of_date": len(self.wrong), "duplicates": self.duplicates,
                 "examples": {"missing": sorted(self.missing)[:10], "stale": sorted(self.stale)[:10],
                              "out_of_date": sorted(self.wrong)[:10]}}
 
 
-def reconcile(store_name: str, expected: Mapping[int, str], held: Iterable[tuple[int, str | None]]) -> Reconciliation:
-    """Compares (id, key) pairs a store holds with what it must hold."""
+def reconcile(store_name: str, expected: Mapping[int, str], held: Iterable[tuple[int, str | None]],
+              protected: AbstractSet[int] = frozenset()) -> Reconciliation:
+    """Compares (id, key) pairs a store holds with what it must hold; `protected` ids (of sources skipped for
+    want of a good output, left as they are) are counted apart."""
     seen: dict[int, str | None] = {}
     result = Reconciliation(store_name, len(expected), 0)
     for vid, key in held:
+        if vid in protected and vid not in expected:
+            result.left_as_they_are += 1
+            continue
         result.held += 1
         if vid in seen:
             result.duplicates += 1

@@ -32,7 +32,12 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.common import memory_class, run_metadata, sources_partitions, stage_code_version
+from assets.common import (
+    fail_fast_unless_transient,
+    memory_class,
+    run_metadata,
+    sources_partitions,
+)
 from assets.faiss_index import faiss_index
 from assets.milvus_collection import milvus_collection
 from quiver.beir import RelevanceData, has_relevance_data, read_relevance_data
@@ -53,7 +58,6 @@ from resources.model_pool import ModelPool
 from resources.sources import SourceRegistry
 from resources.vector_stores import FaissStore, MilvusStore
 
-CODE_VERSION = stage_code_version(__name__)
 STORES = ("faiss", "milvus")
 COLUMN_OF = {"ndcg@10": "ndcg_at_10", "recall@100": "recall_at_100", "mrr@10": "mrr_at_10"}
 RESULTS_SCHEMA = pa.schema([
@@ -196,13 +200,13 @@ def _table_metadata(evaluations: dict[str, StoreEvaluation], queries: int) -> Me
     deps=[faiss_index, milvus_collection],
     io_manager_key="fileref_io_manager",
     output_required=False,
-    code_version=CODE_VERSION,
     group_name="evaluation",
     kinds={"parquet"},
     **memory_class("model"),
     description="nDCG@10, Recall@100 and MRR@10 of the FAISS index and the Milvus collection on a BEIR source's "
                 "judged queries; per-query scores as Parquet. Sources without queries and qrels are skipped.",
 )
+@fail_fast_unless_transient
 def retrieval_eval(
     context: AssetExecutionContext, config: RetrievalEvalConfig, documents: FileRef, store: FileStore,
     sources: SourceRegistry, model_pool: ModelPool, faiss_store: FaissStore, milvus: MilvusStore,
@@ -291,6 +295,7 @@ def _results(store: FileStore, ref: FileRef) -> pa.Table:
 @asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
              **memory_class("light"),
              description="nDCG@10 of every evaluated store is at or above the configured floor.")
+@fail_fast_unless_transient
 def ndcg_at_10_above_floor(config: NdcgFloorConfig, retrieval_eval: FileRef, store: FileStore) -> AssetCheckResult:
     means = _store_means(_results(store, retrieval_eval))
     low = {s: round(m["ndcg@10"], 5) for s, m in means.items() if m["ndcg@10"] < config.floor}
@@ -304,6 +309,7 @@ def ndcg_at_10_above_floor(config: NdcgFloorConfig, retrieval_eval: FileRef, sto
 @asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
              **memory_class("light"),
              description="FAISS and Milvus return the same top-10 documents for (nearly) every query.")
+@fail_fast_unless_transient
 def faiss_and_milvus_agree(config: AgreementConfig, retrieval_eval: FileRef, store: FileStore) -> AssetCheckResult:
     table = _results(store, retrieval_eval)
     top = {(s, q): set(t) for s, q, t in zip(*(table.column(c).to_pylist() for c in ("store", "query_id", "top10")),
@@ -325,6 +331,7 @@ def faiss_and_milvus_agree(config: AgreementConfig, retrieval_eval: FileRef, sto
 @asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
              **memory_class("light"),
              description="No query returns a document id that is not in the source's corpus.")
+@fail_fast_unless_transient
 def results_are_corpus_documents(config: CheckSeverityConfig, retrieval_eval: FileRef,
                                  store: FileStore) -> AssetCheckResult:
     table = _results(store, retrieval_eval)

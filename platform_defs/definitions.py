@@ -3,6 +3,7 @@
 from dagster import Definitions
 
 from assets.chunks import chunks
+from assets.common import with_code_versions
 from assets.documents import documents
 from assets.embeddings import embeddings
 from assets.faiss_index import faiss_index, faiss_index_matches_chunks
@@ -17,9 +18,15 @@ from platform_defs.executor import job_executor
 from platform_defs.jobs import eval_job, index_job, ingest_job
 from platform_defs.limits import limits_at_load
 from platform_defs.resources import build_resources
-from platform_defs.sensors import evaluation_schedule, inbox_sensor, index_maintenance_schedule
+from platform_defs.sensors import (
+    evaluation_schedule,
+    inbox_sensor,
+    index_automation_sensor,
+    index_maintenance_schedule,
+)
 
-ALL_ASSETS = [documents, chunks, embeddings, faiss_index, milvus_collection, retrieval_eval]
+# Code versions come from the asset graph: each asset's hashes the project code it runs and its upstream's.
+ALL_ASSETS = with_code_versions([documents, chunks, embeddings, faiss_index, milvus_collection, retrieval_eval])
 ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks, ndcg_at_10_above_floor,
               faiss_and_milvus_agree, results_are_corpus_documents]
 
@@ -31,7 +38,7 @@ defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
     jobs=[ingest_job, index_job, eval_job],
-    sensors=[inbox_sensor],
+    sensors=[inbox_sensor, index_automation_sensor],
     schedules=[index_maintenance_schedule, evaluation_schedule],
     resources=build_resources(),
     executor=job_executor(preload_model=True),

@@ -9,13 +9,13 @@ by their eager automation condition.
 """
 
 import json
-import re
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from dagster import (
     AddDynamicPartitionsRequest,
+    AssetSelection,
+    AutomationConditionSensorDefinition,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     DeleteDynamicPartitionsRequest,
@@ -32,72 +32,43 @@ from upath import UPath
 from assets.common import sources_partitions
 from platform_defs.jobs import eval_job, index_job, ingest_job
 from quiver.beir import has_relevance_data
-from quiver.sources import source_fingerprint
-from resources.sources import SOURCE_NAME, Inbox, SourceRegistry
+from quiver.inbox import InboxUnavailableError, scan_inbox
+from resources.sources import Inbox, SourceRegistry
 from resources.vector_stores import FaissStore
 
 INBOX_TAG = "quiver/inbox"
-SOURCE_SUFFIXES = {".jsonl.gz": "jsonl", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".swp")
 
-
-@dataclass(frozen=True)
-class InboxEntry:
-    name: str
-    kind: str
-    path: str
-    fingerprint: str
-
-
-def source_name(entry_name: str) -> str | None:
-    """The source name of an inbox entry: its name without the source suffix, in the allowed characters."""
-    lowered = entry_name.lower()
-    stem = entry_name
-    for suffix in SOURCE_SUFFIXES:
-        if lowered.endswith(suffix):
-            stem = entry_name[: -len(suffix)]
-            break
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).strip("-.")[:64]
-    return name if SOURCE_NAME.match(name) else None
-
-
-def scan_inbox(directory: str, settle_seconds: float, now: float | None = None) -> tuple[dict[str, InboxEntry], int]:
-    """{source name: entry} of the settled sources in the inbox, and how many entries are still settling."""
-    root = UPath(directory)
-    now = time.time() if now is None else now
-    found: dict[str, InboxEntry] = {}
-    settling = 0
-    if not root.exists():
-        return found, 0
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith(".") or entry.name.endswith(IGNORED_SUFFIXES):
-            continue
-        if entry.is_dir():
-            kind = "beir" if (entry / "corpus.jsonl").exists() or (entry / "corpus.jsonl.gz").exists() else "files"
-            newest = max((p.stat().st_mtime for p in entry.rglob("*") if p.is_file()), default=entry.stat().st_mtime)
-        else:
-            kind = next((k for suffix, k in SOURCE_SUFFIXES.items() if entry.name.lower().endswith(suffix)), "")
-            newest = entry.stat().st_mtime
-        name = source_name(entry.name)
-        if not kind or name is None:
-            continue
-        if now - newest < settle_seconds:
-            settling += 1
-            continue
-        found[name] = InboxEntry(name, kind, str(entry), source_fingerprint(kind, str(entry)))  # type: ignore[arg-type]
-    return found, settling
+# The index assets' eager automation conditions are evaluated by this sensor (with dagster-daemon running):
+# once no source is being ingested, it materializes the indexes, and their blocking checks with them.
+index_automation_sensor = AutomationConditionSensorDefinition(
+    "index_automation_sensor", target=AssetSelection.assets("faiss_index", "milvus_collection"),
+    default_status=DefaultSensorStatus.STOPPED,
+    description="Brings the FAISS index and the Milvus collection up to date once sources have been (re)ingested. "
+                "Needs `dagster-daemon run`; off until turned on in the UI or with `dagster sensor start`.")
 
 
 @sensor(jobs=[ingest_job, index_job], minimum_interval_seconds=15, default_status=DefaultSensorStatus.STOPPED,
         description="Files in the inbox directory are sources: added, changed and removed files are ingested, "
-                    "re-ingested and dropped (with their vectors).")
-def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: SourceRegistry) -> SensorResult:
+                    "re-ingested and dropped (with their vectors). A missing or unreadable inbox changes nothing.")
+def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: SourceRegistry) -> SensorResult | SkipReason:
     acted: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    entries, settling = scan_inbox(inbox.directory, inbox.settle_seconds)
+    try:
+        scan = scan_inbox(inbox.directory, inbox.settle_seconds)
+    except InboxUnavailableError as exc:
+        # Never read a vanished inbox as "every source was deleted": skip the tick, keep the cursor.
+        message = f"{exc}; skipping this tick, no source is added or removed ({len(acted)} known from the inbox)"
+        context.log.warning(message)
+        return SkipReason(message)
+    if acted and not scan.present and not inbox.remove_all_when_empty:
+        message = (f"the inbox {inbox.directory} is empty, but {len(acted)} sources came from it: an unmounted "
+                   "directory looks like this, so nothing is removed (set remove_all_when_empty on the inbox "
+                   "resource, or use `quiver source remove`, to remove them all)")
+        context.log.warning(message)
+        return SkipReason(message)
     runs: list[RunRequest] = []
     added: list[str] = []
     known = {spec.name: spec for spec in sources.all()}
-    for name, entry in entries.items():
+    for name, entry in scan.settled.items():
         if acted.get(name) == entry.fingerprint:
             continue
         registered = known.get(name)
@@ -111,11 +82,12 @@ def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: Source
         runs.append(RunRequest(job_name=ingest_job.name, partition_key=name,
                                run_key=f"inbox:{name}:{entry.fingerprint[:16]}", tags={INBOX_TAG: name}))
         acted[name] = entry.fingerprint
-    removed = sorted(set(acted) - set(entries) - set(_pending_names(inbox, entries)))
+    removed = sorted(set(acted) - scan.present)
     for name in removed:
         sources.remove(name)
         del acted[name]
     if removed:
+        context.log.info(f"removed from the inbox: {', '.join(removed)}; an index run drops their vectors")
         runs.append(RunRequest(job_name=index_job.name, run_key=f"inbox-removed:{','.join(removed)}:{time.time_ns()}",
                                tags={INBOX_TAG: ",".join(removed)}))
     requests = []
@@ -123,18 +95,12 @@ def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: Source
         requests.append(AddDynamicPartitionsRequest(sources_partitions.name, added))
     if removed:
         requests.append(DeleteDynamicPartitionsRequest(sources_partitions.name, removed))
-    if settling:
-        context.log.info(f"{settling} inbox entries are still being written; next tick")
+    if scan.settling:
+        context.log.info(f"still being written, next tick: {', '.join(scan.settling)}")
+    for name, why in scan.unreadable.items():
+        context.log.warning(f"inbox entry of source {name!r} cannot be read now ({why}); it is kept, not removed")
     return SensorResult(run_requests=runs, dynamic_partitions_requests=requests,
                         cursor=json.dumps(acted, sort_keys=True))
-
-
-def _pending_names(inbox: Inbox, settled: dict[str, InboxEntry]) -> list[str]:
-    """Names of entries that exist but are still settling: not removed."""
-    root = UPath(inbox.directory)
-    if not root.exists():
-        return []
-    return [n for n in (source_name(p.name) for p in root.iterdir()) if n and n not in settled]
 
 
 def _day(context: ScheduleEvaluationContext) -> str:
@@ -147,9 +113,9 @@ def _day(context: ScheduleEvaluationContext) -> str:
                       "and compacts the Milvus collection.")
 def index_maintenance_schedule(context: ScheduleEvaluationContext, faiss_store: FaissStore) -> RunRequest:
     rebuild = False
-    key = faiss_store.current_key()
-    if key and faiss_store.has_version(key):
-        manifest = faiss_store.manifest(key)
+    version = faiss_store.current_version()
+    if version and faiss_store.has_version(version):
+        manifest = faiss_store.manifest(version)
         # Flat needs nothing; HNSW is rebuilt on every change already; IVF drifts from its trained clusters.
         rebuild = manifest.get("index_type") == "ivf" and manifest.get("changes_since_rebuild", 0) > 0
     return RunRequest(run_key=f"maintenance:{_day(context)}", tags={"quiver/maintenance": "index"}, run_config={

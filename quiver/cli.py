@@ -88,8 +88,11 @@ def config_for_job(file_config: dict[str, Any], assets: tuple[str, ...], base: d
 
 def _failure_message(result: Any) -> str:
     for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            return f"step {event.step_key}: {event.step_failure_data.error.message.strip()}"
+        data = event.step_failure_data if event.is_step_failure else None
+        if data and data.user_failure_data and data.user_failure_data.description:
+            return f"step {event.step_key}: {data.user_failure_data.description.strip()}"
+        if data and data.error:
+            return f"step {event.step_key}: {data.error.message.strip()}"
     return f"run {result.run_id} did not succeed"
 
 

@@ -1,24 +1,24 @@
-"""Code versions from source hashes: a stage's version changes exactly when its code does.
+"""Code versions from source hashes: a stage's version changes exactly when code it runs changes.
 
-A stage module's version hashes its own source and, transitively, the project modules it imports
-(read with ast, never imported), and the versions of the stages upstream of it: what a stage outputs
-depends on the code that made its input. Editing the chunker therefore changes the versions of chunks
-and of everything downstream of it, and of nothing else.
+A stage's own version hashes the sources of its modules and, transitively, of every project module they
+import (read with ast, never imported), across all of the project's packages: plain logic, resources and
+stages alike, since batch planning, tokenizer use or what a store keeps decide outputs as much as the stage
+body does. Its version then combines that with the versions of the stages upstream of it (taken from the
+asset graph by the caller): what a stage outputs depends on the code that made its input.
 """
 
 import ast
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from quiver.settings import PROJECT_ROOT
 
-# Packages whose code decides what a stage outputs. resources/ is infrastructure (where and how
-# things are stored), whose effect on outputs is captured by config and fingerprints instead.
-LOGIC_PACKAGES = ("quiver", "assets")
-# Project modules that decide nothing about a stage's output: how work is scheduled (memory limits, the
-# staged pipeline, whose sync and async modes write identical outputs) is not what it computes.
-NOT_LOGIC = frozenset({"quiver.codeversion", "quiver.settings", "quiver.cli", "quiver.memory", "quiver.stages"})
+# Every package of the project whose code a stage can run. (platform_defs, the wiring on top, is never
+# imported by a stage.)
+PROJECT_PACKAGES = ("quiver", "resources", "assets")
+K = TypeVar("K", bound=Hashable)
 
 
 def module_file(module: str, root: Path) -> Path | None:
@@ -30,9 +30,10 @@ def module_file(module: str, root: Path) -> Path | None:
 
 
 def _imported_modules(module: str, file: Path, root: Path) -> set[str]:
+    """Project modules a module imports, at top level or inside functions alike, and its parent packages."""
     tree = ast.parse(file.read_bytes(), filename=str(file))
     package = module if file.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
+    found: set[str] = {package} if package else set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
@@ -46,13 +47,13 @@ def _imported_modules(module: str, file: Path, root: Path) -> set[str]:
             found.add(target)
             # `from quiver import chunking` imports a submodule
             found.update(f"{target}.{alias.name}" for alias in node.names)
-    return {m for m in found if m.split(".")[0] in LOGIC_PACKAGES and m not in NOT_LOGIC and module_file(m, root)}
+    return {m for m in found if m.split(".")[0] in PROJECT_PACKAGES and module_file(m, root)}
 
 
-def module_dependencies(module: str, root: Path = PROJECT_ROOT) -> list[str]:
-    """The module and every project logic module it imports, transitively, sorted."""
+def module_dependencies(modules: str | Sequence[str], root: Path = PROJECT_ROOT) -> list[str]:
+    """The modules and every project module they import, transitively, sorted."""
     seen: set[str] = set()
-    pending = [module]
+    pending = [modules] if isinstance(modules, str) else list(modules)
     while pending:
         current = pending.pop()
         if current in seen:
@@ -65,19 +66,32 @@ def module_dependencies(module: str, root: Path = PROJECT_ROOT) -> list[str]:
     return sorted(seen)
 
 
-def code_version(module: str, root: Path = PROJECT_ROOT) -> str:
-    """Short sha256 of the sources of a stage module and its project dependencies."""
+def code_version(modules: str | Sequence[str], root: Path = PROJECT_ROOT) -> str:
+    """Short sha256 of the sources of the given modules and of all project code they import."""
     digest = hashlib.sha256()
-    for name in module_dependencies(module, root):
+    for name in module_dependencies(modules, root):
         file = module_file(name, root)
         assert file is not None
         digest.update(name.encode() + b"\x00" + file.read_bytes() + b"\x00")
     return digest.hexdigest()[:16]
 
 
-def stage_version(module: str, upstream: Mapping[str, Sequence[str]], root: Path = PROJECT_ROOT) -> str:
-    """A stage's own code version combined with those of the stages it reads from, recursively."""
-    digest = hashlib.sha256(code_version(module, root).encode())
-    for parent in sorted(upstream.get(module, ())):
-        digest.update(b"\x00" + stage_version(parent, upstream, root).encode())
-    return digest.hexdigest()[:16]
+def stage_versions(modules: Mapping[K, Sequence[str]], upstream: Mapping[K, Sequence[K]],
+                   root: Path = PROJECT_ROOT) -> dict[K, str]:
+    """Each stage's version: its own modules' code version combined with its upstream stages' versions,
+    recursively. `modules` names the modules of each stage's code; `upstream` the stages each reads."""
+    versions: dict[K, str] = {}
+
+    def version(stage: K, path: tuple[K, ...]) -> str:
+        if stage in path:
+            raise ValueError(f"the stage graph has a cycle through {stage!r}")
+        if stage not in versions:
+            digest = hashlib.sha256(code_version(modules[stage], root).encode())
+            for parent in sorted((p for p in upstream.get(stage, ()) if p in modules), key=str):
+                digest.update(b"\x00" + version(parent, (*path, stage)).encode())
+            versions[stage] = digest.hexdigest()[:16]
+        return versions[stage]
+
+    for stage in modules:
+        version(stage, ())
+    return versions

@@ -66,6 +66,17 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings) -
     return index, kind
 
 
+def vectors_by_id(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of an id-mapped index under the given ids (flat, HNSW and IVF alike)."""
+    base = faiss.downcast_index(index.index)
+    if isinstance(base, faiss.IndexIVF):
+        base.make_direct_map()
+    out = np.empty((len(ids), index.d), dtype=np.float32)
+    for row, vid in enumerate(ids.tolist()):
+        out[row] = index.reconstruct(int(vid))
+    return out
+
+
 def search_index(index: faiss.Index, queries: np.ndarray, k: int,
                  only_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, vector ids) of the k nearest vectors, among only_ids when given; ids of -1 pad when fewer

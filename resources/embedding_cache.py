@@ -11,8 +11,6 @@ import os
 import re
 import struct
 import threading
-import time
-import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -25,13 +23,11 @@ from pydantic import Field
 from upath import UPath
 
 from quiver.retry import RetrySettings, call_with_retries
+from quiver.segments import SegmentStore
 from quiver.settings import default_storage_root, env_value, from_env
-from resources.fileref import atomic_replace
 
 ENTRY_MAGIC = b"QVE1"
-SEGMENT_MAGIC = b"QVSEG001"
 _ENTRY_HEADER = struct.Struct("<4sI")  # magic, dimension
-_SEGMENT_HEADER = struct.Struct("<8sII")  # magic, dimension, count
 LEVELS = ("l1", "l2", "l3")
 T = TypeVar("T")
 
@@ -142,77 +138,6 @@ def clear_l1() -> None:
             lru.clear()
 
 
-class SegmentStore:
-    """L3: immutable segment files, each written atomically; an in-memory index maps text hash to entry."""
-
-    def __init__(self, directory: UPath, dimension: int) -> None:
-        self.directory = directory
-        self.dimension = dimension
-        self.size = entry_size(dimension)
-        self._index: dict[bytes, tuple[str, int]] = {}
-        self._known: set[str] = set()
-        self._lock = threading.Lock()
-
-    def refresh(self) -> None:
-        if not self.directory.exists():
-            return
-        for segment in self.directory.glob("*.qvseg"):
-            name = segment.name
-            if name in self._known:
-                continue
-            self._known.add(name)
-            try:
-                with segment.open("rb") as fh:
-                    magic, dim, count = _SEGMENT_HEADER.unpack(fh.read(_SEGMENT_HEADER.size))
-                    keys = fh.read(32 * count)
-            except (OSError, struct.error):
-                continue
-            if magic != SEGMENT_MAGIC or dim != self.dimension or len(keys) != 32 * count:
-                continue  # not ours, or damaged header: its entries will simply miss
-            base = _SEGMENT_HEADER.size + 32 * count
-            for i in range(count):
-                self._index[keys[32 * i:32 * i + 32]] = (name, base + i * self.size)
-
-    def get_many(self, text_shas: Sequence[bytes]) -> dict[int, bytes]:
-        with self._lock:
-            if any(sha not in self._index for sha in text_shas):
-                self.refresh()
-            located = [(i, self._index.get(sha)) for i, sha in enumerate(text_shas)]
-        by_segment: dict[str, list[tuple[int, int]]] = {}
-        for i, where in located:
-            if where is not None:
-                by_segment.setdefault(where[0], []).append((i, where[1]))
-        found: dict[int, bytes] = {}
-        for name, entries in by_segment.items():
-            try:
-                with (self.directory / name).open("rb") as fh:
-                    for i, offset in sorted(entries, key=lambda e: e[1]):
-                        fh.seek(offset)
-                        found[i] = fh.read(self.size)
-            except OSError:
-                continue
-        return found
-
-    def put_many(self, text_shas: Sequence[bytes], entries: Sequence[bytes]) -> int:
-        if not text_shas:
-            return 0
-        self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.qvseg"
-        tmp = self.directory / f".tmp-{name}"
-        payload = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, self.dimension, len(text_shas)) + b"".join(text_shas)
-        with tmp.open("wb") as fh:
-            fh.write(payload)
-            for entry in entries:
-                fh.write(entry)
-        atomic_replace(tmp, self.directory / name)
-        with self._lock:
-            base = len(payload)
-            self._known.add(name)
-            for i, sha in enumerate(text_shas):
-                self._index[sha] = (name, base + i * self.size)
-        return len(text_shas)
-
-
 _SEGMENTS: dict[tuple[str, int], SegmentStore] = {}
 _SEGMENTS_LOCK = threading.Lock()
 
@@ -251,6 +176,10 @@ class EmbeddingCache(ConfigurableResource):
     redis_ttl_s: int = Field(default=30 * 86400, description="Expiry of Redis entries; 0 keeps them.")
     l3_enabled: bool = True
     l3_directory: str = Field(default_factory=lambda: f"{default_storage_root()}/_embedding_cache")
+    l3_max_bytes: int = Field(default=8 * 2**30, ge=0, description="Disk level bound in bytes per model: the "
+                              "oldest segments are evicted beyond it.")
+    l3_refresh_interval_s: float = Field(default=5.0, ge=0, description="Longest time before segments another "
+                                         "process wrote are seen (a miss meanwhile only re-encodes).")
 
     retry_attempts: int = Field(default=6, ge=1, description="Attempts of a Redis call that fails transiently.")
     retry_deadline_s: float = Field(default=60.0, description="No new attempt after this long.")
@@ -267,7 +196,9 @@ class EmbeddingCache(ConfigurableResource):
         with _SEGMENTS_LOCK:
             store = _SEGMENTS.get(key)
             if store is None:
-                store = _SEGMENTS[key] = SegmentStore(UPath(key[0]), dimension)
+                store = _SEGMENTS[key] = SegmentStore(UPath(key[0]), dimension, entry_size(dimension),
+                                                      max_bytes=self.l3_max_bytes,
+                                                      refresh_interval_s=self.l3_refresh_interval_s)
             return store
 
     def _redis_key(self, fingerprint: str, sha: bytes) -> str:

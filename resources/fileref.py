@@ -6,26 +6,44 @@ every load that it points inside the storage root and that the file still has it
 """
 
 import hashlib
-import io
 import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, MetadataValue, OutputContext
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    Failure,
+    InputContext,
+    MetadataValue,
+    OutputContext,
+)
 from pydantic import Field
 from upath import UPath
 
+from quiver.atomic import (
+    atomic_replace,
+    flush_to_disk,
+    is_local,
+    is_temporary,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 from quiver.errors import FileRefError
+from quiver.names import check_source_name
 from quiver.settings import default_storage_root
 
 UNPARTITIONED = "__all__"
+# Input metadata (AssetIn(metadata=...)) of an input that reads every partition of an upstream asset and
+# does without the partitions that have no good output yet: they are listed in PartitionRefs.skipped.
+SKIP_MISSING_PARTITIONS = "quiver/skip_partitions_without_output"
 LATEST_POINTER = "LATEST.json"
 _HASH_CHUNK = 1 << 20
 
@@ -88,35 +106,6 @@ class _HashingSink:
         return self.size
 
 
-def is_local(path: UPath) -> bool:
-    return path.protocol in ("", "file", "local")
-
-
-def flush_to_disk(handle: Any) -> None:
-    """fsync a local file; an object store's file is durable once it is closed."""
-    handle.flush()
-    try:
-        os.fsync(handle.fileno())
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        pass
-
-
-def atomic_replace(tmp: UPath, final: UPath) -> None:
-    if is_local(tmp):
-        os.replace(tmp.path, final.path)
-    else:  # object stores: a single put is atomic; rename is copy + delete
-        tmp.rename(final)
-
-
-def write_text_atomic(path: UPath, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        flush_to_disk(fh)
-    atomic_replace(tmp, path)
-
-
 def file_sha256(path: UPath) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -170,13 +159,15 @@ class FileStore(ConfigurableResource):
     root: str = Field(default_factory=default_storage_root,
                       description="Local path or universal-pathlib URI (s3://, gs://, ...).")
     keep_versions: int = Field(default=3, description="Older Parquet versions kept per asset partition.")
+    abandoned_temp_after_s: float = Field(default=3600.0, description="A temp file older than this was left by a "
+                                          "writer that died, and is removed.")
 
     @property
     def root_path(self) -> UPath:
         return UPath(self.root)
 
     def asset_dir(self, asset: Iterable[str], partition: str | None) -> UPath:
-        return self.root_path.joinpath(*asset, partition or UNPARTITIONED)
+        return self.root_path.joinpath(*asset, _partition_part(partition))
 
     @contextmanager
     def parquet_writer(self, asset: Iterable[str], partition: str | None,
@@ -192,10 +183,15 @@ class FileStore(ConfigurableResource):
         self._prune(writer.directory, keep={writer.ref.path} if writer.ref else set())
 
     def _prune(self, directory: UPath, keep: set[str]) -> None:
+        """Keeps the newest `keep_versions` outputs (and the latest); temp files are never versions, and the
+        ones a dead writer left are removed once they are old enough not to be in progress."""
         pointer = directory / LATEST_POINTER
         if pointer.exists():
-            keep = keep | {FileRef.from_json(pointer.read_text()).path}
-        files = sorted((p for p in directory.glob("*.parquet")), key=lambda p: p.stat().st_mtime, reverse=True)
+            keep = keep | {self._from_stored(json.loads(pointer.read_text())).path}
+        entries = list(directory.iterdir())
+        remove_stale_temporaries(entries, self.abandoned_temp_after_s)
+        files = sorted((p for p in entries if p.name.endswith(".parquet") and not is_temporary(p)),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
         for stale in files[self.keep_versions:]:
             if str(stale) not in keep:
                 stale.unlink(missing_ok=True)
@@ -239,17 +235,44 @@ class FileStore(ConfigurableResource):
         with UPath(ref.path).open("rb") as fh:
             return pq.read_table(fh, columns=columns)
 
+    # References on disk are relative to the storage root they live in: a root that is copied, restored or
+    # mounted elsewhere keeps working. (A reference outside the root stays absolute, and `check` refuses it.)
+    def _relative(self, path: str) -> str | None:
+        target, root = UPath(path), self.root_path
+        if target.protocol != root.protocol:
+            return None
+        if is_local(root):
+            real_root, real_path = os.path.realpath(root.path), os.path.realpath(target.path)
+            inside = os.path.commonpath([real_root, real_path]) == real_root
+            return os.path.relpath(real_path, real_root).replace(os.sep, "/") if inside else None
+        prefix = root.path.rstrip("/") + "/"
+        return target.path[len(prefix):] if target.path.startswith(prefix) and ".." not in target.parts else None
+
+    def _to_stored(self, ref: FileRef) -> dict[str, Any]:
+        relative = self._relative(ref.path)
+        return {**ref.as_dict(), "path": relative if relative is not None else ref.path}
+
+    def _from_stored(self, stored: dict[str, Any]) -> FileRef:
+        path = str(stored["path"])
+        if "://" not in path and not path.startswith("/"):
+            parts = path.split("/")
+            if ".." in parts or "" in parts:
+                raise FileRefError(f"FileRef {path!r} is not a path inside the storage root {self.root}")
+            path = str(self.root_path.joinpath(*parts))
+        return FileRef(**{**stored, "path": path})
+
     # The latest materialization of each asset partition, for downstream loads on any machine.
     def write_latest(self, asset: Iterable[str], partition: str | None, ref: FileRef) -> None:
-        write_text_atomic(self.asset_dir(asset, partition) / LATEST_POINTER, ref.to_json())
+        write_text_atomic(self.asset_dir(asset, partition) / LATEST_POINTER,
+                          json.dumps(self._to_stored(ref), sort_keys=True))
 
     def read_latest(self, asset: Iterable[str], partition: str | None) -> FileRef | None:
         pointer = self.asset_dir(asset, partition) / LATEST_POINTER
-        return FileRef.from_json(pointer.read_text()) if pointer.exists() else None
+        return self._from_stored(json.loads(pointer.read_text())) if pointer.exists() else None
 
     # Stage-output cache: key -> JSON payload describing a finished output.
     def _cache_path(self, asset: Iterable[str], partition: str | None, key: str) -> UPath:
-        return self.root_path.joinpath("_cache", *asset, partition or UNPARTITIONED, f"{key}.json")
+        return self.root_path.joinpath("_cache", *asset, _partition_part(partition), f"{key}.json")
 
     def cache_get(self, asset: Iterable[str], partition: str | None, key: str) -> dict[str, Any] | None:
         path = self._cache_path(asset, partition, key)
@@ -265,7 +288,7 @@ class FileStore(ConfigurableResource):
 
     def remember_fileref(self, asset: Iterable[str], partition: str | None, key: str, ref: FileRef) -> None:
         """Record ref as the output for key; `cached_fileref` finds it again."""
-        self.cache_put(asset, partition, key, {"fileref": ref.as_dict()})
+        self.cache_put(asset, partition, key, {"fileref": self._to_stored(ref)})
 
     def cached_fileref(self, asset: Iterable[str], partition: str | None, key: str) -> FileRef | None:
         """The cached output for a key if its file is still there, unchanged; else None."""
@@ -273,9 +296,34 @@ class FileStore(ConfigurableResource):
         if not payload or "fileref" not in payload:
             return None
         try:
-            return self.check(FileRef(**payload["fileref"]))
+            return self.check(self._from_stored(payload["fileref"]))
         except (FileRefError, TypeError):
             return None
+
+
+def _partition_part(partition: str | None) -> str:
+    """A partition key as a path component: only names that follow the source-name rule (a key added from the
+    UI or GraphQL is checked here too), so no path outside the storage root is ever built from one."""
+    return UNPARTITIONED if partition is None else check_source_name(partition, "partition key")
+
+
+class PartitionRefs(dict[str, FileRef]):
+    """{partition: FileRef} of an upstream asset, and the partitions skipped because they have no good
+    output yet, with the reason for each."""
+
+    def __init__(self, refs: Mapping[str, FileRef] | None = None) -> None:
+        super().__init__(refs or {})
+        self.skipped: dict[str, str] = {}
+
+
+@contextmanager
+def _permanent_errors_fail_at_once() -> Iterator[None]:
+    """A reference that cannot be trusted fails the step at once: no retry policy makes a tampered or missing
+    file right. (An object store that is down raises its own errors, which are retried.)"""
+    try:
+        yield
+    except (FileRefError, TypeError) as exc:
+        raise Failure(description=str(exc), allow_retries=False) from exc
 
 
 class FileRefIOManager(ConfigurableIOManager):
@@ -287,6 +335,14 @@ class FileRefIOManager(ConfigurableIOManager):
     store: FileStore
 
     def handle_output(self, context: OutputContext, obj: FileRef | dict[str, FileRef]) -> None:
+        with _permanent_errors_fail_at_once():
+            self._handle_output(context, obj)
+
+    def load_input(self, context: InputContext) -> "FileRef | PartitionRefs":
+        with _permanent_errors_fail_at_once():
+            return self._load_input(context)
+
+    def _handle_output(self, context: OutputContext, obj: FileRef | dict[str, FileRef]) -> None:
         """Record where each partition's output is; a multi-partition run hands {partition: FileRef}."""
         started = time.perf_counter()
         if isinstance(obj, FileRef):
@@ -315,14 +371,27 @@ class FileRefIOManager(ConfigurableIOManager):
                 "io_seconds": time.perf_counter() - started,
             })
 
-    def load_input(self, context: InputContext) -> FileRef | dict[str, FileRef]:
+    def _load_input(self, context: InputContext) -> "FileRef | PartitionRefs":
         asset = context.asset_key.path
-        if context.has_asset_partitions:
-            keys = list(context.asset_partition_keys)
-            if context.has_partition_key and len(keys) == 1:
-                return self._load(asset, keys[0])  # a partition reads the same partition upstream
-            return {key: self._load(asset, key) for key in keys}  # an index reads every partition
-        return self._load(asset, None)
+        if not context.has_asset_partitions:
+            return self._load(asset, None)
+        keys = list(context.asset_partition_keys)
+        if context.has_partition_key and len(keys) == 1:
+            return self._load(asset, keys[0])  # a partition reads the same partition upstream
+        if not context.definition_metadata.get(SKIP_MISSING_PARTITIONS):
+            return PartitionRefs({key: self._load(asset, key) for key in keys})  # a single-run backfill
+        # An index reads every partition that has a good output; one without (a new source whose first run
+        # failed, a file removed or changed behind Quiver's back) is skipped and named, never fatal for all.
+        refs = PartitionRefs()
+        for key in keys:
+            try:
+                refs[key] = self._load(asset, key)
+            except FileRefError as exc:
+                refs.skipped[key] = str(exc)
+        if refs.skipped:
+            context.log.warning(f"{'/'.join(asset)}: {len(refs.skipped)} partition(s) without a good output are "
+                                f"skipped, their vectors left as they are: {refs.skipped}")
+        return refs
 
     def _load(self, asset: list[str], partition: str | None) -> FileRef:
         ref = self.store.read_latest(asset, partition)

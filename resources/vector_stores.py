@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,20 +24,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from dagster import ConfigurableResource, get_dagster_logger
+from dagster import ConfigurableResource, InitResourceContext, get_dagster_logger
+from filelock import FileLock, Timeout
 from pydantic import Field, PrivateAttr
 from upath import UPath
 
+from quiver.atomic import atomic_replace, is_local, write_text_atomic
 from quiver.errors import ConfigError, QuiverError
 from quiver.retry import RetrySettings, call_with_retries
 from quiver.settings import default_milvus_uri, default_storage_root, env_value, from_env
 from quiver.vector_index import IndexSettings, build_index, search_index
-from resources.fileref import atomic_replace, is_local, write_text_atomic
 
 T = TypeVar("T")
+_log = logging.getLogger("quiver.milvus")
 SNIPPET_CHARS = 2000
 MILVUS_MAX_REQUEST_BYTES = 64 * 2**20  # gRPC message limit of a Milvus server
 MILVUS_MAX_TOPK = 16384
+# Collection property prefix of the per-source exact marks (property value: that source's KeyDigest).
+EXACT_MARK = "quiver.exact."
 CURRENT_POINTER = "CURRENT"
 # Columns every vector store keeps beside the vector.
 PAYLOAD_COLUMNS = ("vector_id", "chunk_id", "doc_id", "source", "title", "text", "vector_key")
@@ -103,8 +109,9 @@ def _mtime(path: UPath) -> float:
 class FaissDraft:
     """A version under construction: payload rows stream to Parquet; the index and manifest come last."""
 
-    def __init__(self, directory: UPath) -> None:
+    def __init__(self, directory: UPath, version: str) -> None:
         self.directory = directory
+        self.version = version
         self.index: faiss.Index | None = None
         self.manifest: dict[str, Any] = {}
         self.rows = 0
@@ -129,13 +136,13 @@ class FaissDraft:
         self._writer.close()
         self._handle.close()
         if self.rows != self.index.ntotal:
-            raise QuiverError(f"FAISS version {key}: {self.index.ntotal} vectors but {self.rows} payload rows")
+            raise QuiverError(f"FAISS version {self.version}: {self.index.ntotal} vectors but {self.rows} payload rows")
         if _local(self.directory):
             faiss.write_index(self.index, str(self.directory.path) + "/index.faiss")
         else:
             (self.directory / "index.faiss").write_bytes(faiss.serialize_index(self.index).tobytes())
-        self.manifest = {"key": key, "ntotal": int(self.index.ntotal), "dimension": int(self.index.d),
-                         "created": time.time(), **self.manifest}
+        self.manifest = {"key": key, "version": self.version, "ntotal": int(self.index.ntotal),
+                         "dimension": int(self.index.d), "created": time.time(), **self.manifest}
         (self.directory / "manifest.json").write_text(json.dumps(self.manifest, sort_keys=True))
 
     def abort(self) -> None:
@@ -163,7 +170,9 @@ class FaissStore(ConfigurableResource):
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
-    keep_versions: int = 2
+    keep_versions: int = Field(default=2, ge=1, description="Newest versions always kept.")
+    retain_replaced_s: float = Field(default=600.0, ge=0, description="A version replaced less than this long "
+                                     "ago is kept for the readers that opened it just before CURRENT moved.")
     abandoned_draft_after_s: float = Field(default=3600.0, description="A temp version directory older than "
                                            "this is a build that died, and is removed.")
 
@@ -179,40 +188,51 @@ class FaissStore(ConfigurableResource):
     def root(self) -> UPath:
         return UPath(self.directory)
 
-    def version_dir(self, key: str) -> UPath:
-        return self.root / "versions" / key
+    def version_dir(self, version: str) -> UPath:
+        return self.root / "versions" / version
 
-    def has_version(self, key: str) -> bool:
-        return (self.version_dir(key) / "manifest.json").exists()
+    def has_version(self, version: str) -> bool:
+        """Whether the version is complete: its manifest, written last, is there."""
+        return (self.version_dir(version) / "manifest.json").exists()
+
+    def _key_pointer(self, key: str) -> UPath:
+        return self.root / "by_key" / key
+
+    def version_for(self, key: str) -> str | None:
+        """The complete version last built for a cache key (the same inputs and settings), if it still exists."""
+        pointer = self._key_pointer(key)
+        if not pointer.exists():
+            return None
+        version = pointer.read_text().strip()
+        return version if self.has_version(version) else None
 
     @contextmanager
     def writing_version(self, key: str) -> Iterator["FaissDraft"]:
-        """A version being written; nothing reads it until it is complete. Locally it is written in a temp
+        """A new version being written; nothing reads it until it is complete, and it never replaces or
+        touches another version: every build gets a directory of its own. Locally it is written in a temp
         directory renamed into place; on an object store, which cannot rename a directory at once, it is
         written in place with its manifest last: a version without a manifest is never trusted."""
         self._remove_abandoned_drafts()
-        final = self.version_dir(key)
+        version = f"{time.time_ns():020d}-{key[:12]}-{uuid.uuid4().hex[:8]}"
+        final = self.version_dir(version)
         local = _local(final)
-        target = self.root / "versions" / f".tmp-{uuid.uuid4().hex}" if local else final
-        if not local and final.exists():
-            self._remove(final)
+        target = self.root / "versions" / f".tmp-{version}" if local else final
         target.mkdir(parents=True, exist_ok=True)
-        draft = FaissDraft(target)
+        draft = FaissDraft(target, version)
         try:
             yield draft
             draft.complete(key)
             if local:
-                if final.exists():
-                    self._remove(final)
                 atomic_replace(target, final)
         except BaseException:
             draft.abort()
             self._remove(target)
             raise
+        write_text_atomic(self._key_pointer(key), version)
 
     def write_version(self, key: str, vectors: np.ndarray, payload: pa.Table,
                       extra_manifest: dict[str, Any]) -> dict[str, Any]:
-        """Build an index over vectors and store it as the version named key; returns its manifest."""
+        """Build an index over vectors and store it as a new version built for key; returns its manifest."""
         ids = payload.column("vector_id").to_numpy()
         if len(np.unique(ids)) != len(ids):
             raise QuiverError("duplicate vector ids in the index input: a chunk id repeats")
@@ -224,77 +244,106 @@ class FaissStore(ConfigurableResource):
         return draft.manifest
 
     def _remove_abandoned_drafts(self) -> None:
-        """Temp directories of builds that died (a killed step) and are old enough not to be in progress."""
+        """Temp directories (local) and manifest-less directories (object stores) of builds that died (a killed
+        step), old enough not to be in progress."""
         versions = self.root / "versions"
         if not versions.exists():
             return
         for entry in versions.iterdir():
             try:
-                if entry.name.startswith(".tmp-") and time.time() - _mtime(entry) > self.abandoned_draft_after_s:
+                draft = entry.name.startswith(".tmp-") or not (entry / "manifest.json").exists()
+                if draft and time.time() - _mtime(entry) > self.abandoned_draft_after_s:
                     self._remove(entry)
             except OSError:
                 continue
 
-    def make_current(self, key: str) -> None:
-        if not self.has_version(key):
-            raise QuiverError(f"FAISS index version {key} is incomplete or missing")
-        write_text_atomic(self.root / CURRENT_POINTER, key)
-        self._prune(keep=key)
+    def make_current(self, version: str) -> None:
+        """Point CURRENT at a complete version (atomically), then prune versions no reader can still need."""
+        if not self.has_version(version):
+            raise QuiverError(f"FAISS index version {version} is incomplete or missing")
+        write_text_atomic(self.root / CURRENT_POINTER, version)
+        self._prune(keep=version)
 
-    def current_key(self) -> str | None:
+    def current_version(self) -> str | None:
         pointer = self.root / CURRENT_POINTER
         return pointer.read_text().strip() if pointer.exists() else None
 
     def open_current(self) -> FaissVersion:
-        key = self.current_key()
-        if key is None:
-            raise QuiverError(f"no FAISS index under {self.directory}: materialize faiss_index first")
-        return self.open_version(key)
+        """The live version. A reader that read CURRENT just before it moved and its old version was pruned
+        reads CURRENT again."""
+        for _ in range(3):
+            version = self.current_version()
+            if version is None:
+                raise QuiverError(f"no FAISS index under {self.directory}: materialize faiss_index first")
+            try:
+                return self.open_version(version)
+            except FileNotFoundError:
+                if self.current_version() == version:
+                    raise
+        raise QuiverError(f"the FAISS index under {self.directory} changed three times while being opened")
 
-    def open_version(self, key: str) -> FaissVersion:
-        directory = self.version_dir(key)
+    def open_version(self, version: str) -> FaissVersion:
+        directory = self.version_dir(version)
         with (directory / "payload.parquet").open("rb") as fh:
             payload = pq.read_table(fh)
-        return FaissVersion(directory, self.manifest(key), self.read_index(key), payload)
+        return FaissVersion(directory, self.manifest(version), self.read_index(version), payload)
 
-    def held_vectors(self, key: str) -> Iterator[tuple[int, str | None]]:
+    def held_vectors(self, version: str) -> Iterator[tuple[int, str | None]]:
         """(vector id, vector key) of every vector in a version's index; the key comes from its payload."""
-        keys = self.payload_keys(key)
-        index = self.read_index(key)
+        keys = self.payload_keys(version)
+        index = self.read_index(version)
         for vid in faiss.vector_to_array(index.id_map).tolist():
             yield vid, keys.get(vid)
 
-    def manifest(self, key: str) -> dict[str, Any]:
-        return json.loads((self.version_dir(key) / "manifest.json").read_text())
+    def manifest(self, version: str) -> dict[str, Any]:
+        return json.loads((self.version_dir(version) / "manifest.json").read_text())
 
-    def read_index(self, key: str) -> faiss.Index:
+    def read_index(self, version: str) -> faiss.Index:
         """The version's index, as this process's own copy (changing it never changes the version)."""
-        directory = self.version_dir(key)
+        directory = self.version_dir(version)
         if _local(directory):
             return faiss.read_index(str(directory.path) + "/index.faiss")
         return faiss.deserialize_index(np.frombuffer((directory / "index.faiss").read_bytes(), dtype=np.uint8))
 
-    def iter_payload(self, key: str, batch_size: int = 8192,
+    def iter_payload(self, version: str, batch_size: int = 8192,
                      columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        with (self.version_dir(key) / "payload.parquet").open("rb") as fh:
+        with (self.version_dir(version) / "payload.parquet").open("rb") as fh:
             yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
 
-    def payload_keys(self, key: str) -> dict[int, str]:
+    def ids_of_sources(self, version: str, sources: set[str]) -> set[int]:
+        """Vector ids a version holds for the given sources, from its payload."""
+        if not sources:
+            return set()
+        wanted = pa.array(sorted(sources), pa.string())
+        found: set[int] = set()
+        for batch in self.iter_payload(version, columns=["vector_id", "source"]):
+            found.update(batch.column("vector_id").filter(pc.is_in(batch.column("source"), value_set=wanted))
+                         .to_pylist())
+        return found
+
+    def payload_keys(self, version: str) -> dict[int, str]:
         """{vector id: vector key} of a version, from its payload."""
         found: dict[int, str] = {}
-        for batch in self.iter_payload(key, columns=["vector_id", "vector_key"]):
+        for batch in self.iter_payload(version, columns=["vector_id", "vector_key"]):
             found.update(zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(),
                              strict=True))
         return found
 
     def _prune(self, keep: str) -> None:
+        """Remove old versions, never the current one, the `keep_versions` newest, or one replaced less than
+        `retain_replaced_s` ago (a reader that opened it just before CURRENT moved is still reading it)."""
         versions = self.root / "versions"
-        dirs = sorted((d for d in versions.iterdir() if d.is_dir() and not d.name.startswith(".tmp-")),
-                      key=lambda d: (d / "manifest.json").stat().st_mtime if (d / "manifest.json").exists() else 0,
-                      reverse=True)
-        for old in dirs[self.keep_versions:]:
-            if old.name != keep:
+        complete = sorted((d for d in versions.iterdir() if not d.name.startswith(".tmp-")
+                           and (d / "manifest.json").exists()), key=lambda d: d.name)
+        now = time.time()
+        for position, old in enumerate(complete[:-self.keep_versions] if self.keep_versions else complete):
+            replaced_at = _mtime(complete[position + 1] / "manifest.json")
+            if old.name != keep and old.name != self.current_version() and now - replaced_at > self.retain_replaced_s:
                 self._remove(old)
+        pointers = self.root / "by_key"
+        for pointer in pointers.iterdir() if pointers.exists() else ():
+            if not pointer.name.startswith(".tmp-") and not self.has_version(pointer.read_text().strip()):
+                pointer.unlink(missing_ok=True)
 
     @staticmethod
     def _remove(path: UPath) -> None:
@@ -323,8 +372,6 @@ class MilvusStore(ConfigurableResource):
     insert_batch_size: int = Field(default=512, ge=1, description="Most rows per insert or upsert request.")
     max_request_bytes: int = Field(default=16 * 2**20, ge=2**16, le=MILVUS_MAX_REQUEST_BYTES // 2,
                                    description="Most bytes per request, well under Milvus's 64 MB limit.")
-    lite_open_timeout_s: float = Field(default=60.0, description="Wait this long for another process to "
-                                                                 "release a Milvus Lite database.")
     create_database: bool = Field(default=True, description="Create db_name on the server if it is missing.")
     secure: bool = Field(default_factory=lambda: os.environ.get("QUIVER_MILVUS_TLS", "") in ("1", "true", "yes"),
                          description="TLS to the server (QUIVER_MILVUS_TLS=1).")
@@ -344,15 +391,34 @@ class MilvusStore(ConfigurableResource):
 
     _client: Any = PrivateAttr(default=None)
 
+    @property
+    def is_lite(self) -> bool:
+        return "://" not in self.uri
+
     def client(self) -> Any:
-        """One client per process and URI: Milvus Lite allows one opener per database file."""
+        """One client per process and URI. Milvus Lite admits one process per database: this process first
+        takes the database's lock, waiting (and saying so in the log) as long as another process holds it."""
         key = (self.uri, env_value(self.token), self.db_name)
+        if self.is_lite:
+            hold_lite(self.uri, wait=True, log=get_dagster_logger())
         with _MILVUS_LOCK:
             client = _MILVUS_CLIENTS.get(key)
             if client is None:
                 client = self._connect()
                 _MILVUS_CLIENTS[key] = client
             return client
+
+    def busy_reason(self) -> str | None:
+        """Why this process cannot write now without waiting (a Milvus Lite database another process holds),
+        or None. A step that can defer its writes to milvus_collection asks this instead of waiting."""
+        if self.is_lite and not hold_lite(self.uri, wait=False):
+            return f"Milvus Lite database {self.uri} is held by another process ({lite_holder(self.uri)})"
+        return None
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        """A step's end releases the Milvus Lite database for the next process."""
+        if self.is_lite:
+            close_milvus_clients(self.uri)
 
     def _connect(self) -> Any:
         from pymilvus import MilvusClient
@@ -371,22 +437,14 @@ class MilvusStore(ConfigurableResource):
             # The in-process Lite server allows a keepalive ping every 5 minutes only; pymilvus pings every 10 s
             # and, between inserts of a long embedding run, is sent GOAWAY "too_many_pings" and reconnects.
             kwargs["grpc_options"] = {"grpc.keepalive_time_ms": 360_000, "grpc.keepalive_permit_without_calls": 0}
-        deadline = time.monotonic() + (self.lite_open_timeout_s if lite else 0)
-        while True:
-            try:
-                if self.db_name and not lite:
-                    return self._connect_to_database(MilvusClient, kwargs)
-                return MilvusClient(**kwargs)
-            except MilvusException as exc:
-                if not lite:
-                    raise
-                if time.monotonic() >= deadline:
-                    raise QuiverError(
-                        f"cannot open the Milvus Lite database {self.uri}: another process holds it "
-                        f"(Milvus Lite allows one process at a time; waited {self.lite_open_timeout_s:.0f}s). "
-                        f"Close the other process, or use a Milvus server for concurrent access. ({exc})"
-                    ) from exc
-                time.sleep(0.5)
+        if self.db_name and not lite:
+            return self._connect_to_database(MilvusClient, kwargs)
+        try:
+            return MilvusClient(**kwargs)
+        except MilvusException as exc:
+            if lite:
+                raise QuiverError(f"cannot open the Milvus Lite database {self.uri}: {exc}") from exc
+            raise
 
     def _server_options(self) -> dict[str, Any]:
         """Credentials and TLS for a server: the same client and code paths as Milvus Lite otherwise."""
@@ -476,40 +534,81 @@ class MilvusStore(ConfigurableResource):
 
     def existing_keys(self, source: str | None = None) -> dict[int, str]:
         """{vector id: vector key} of what the collection holds (optionally for one source)."""
-        return dict(self.iter_keys(source))
+        return {vid: key for vid, key, _ in self.key_rows(_source_filter(source))}
 
     def iter_keys(self, source: str | None = None) -> list[tuple[int, str]]:
-        """Every (vector id, vector key) row the collection holds, optionally for one source; read whole, so
-        that a transient error restarts the listing rather than leaving it half read."""
+        """Every (vector id, vector key) row the collection holds, optionally for one source."""
+        return [(vid, key) for vid, key, _ in self.key_rows(_source_filter(source))]
+
+    def key_rows(self, expression: str = "", including: set[str] | None = None,
+                 excluding: set[str] | None = None) -> list[tuple[int, str, str]]:
+        """(vector id, vector key, source) of every row matching the filter (and of the included sources, or of
+        every source but the excluded ones); read whole, so that a transient error restarts the listing
+        rather than leaving it half read."""
+        if including is not None:
+            if not including:
+                return []
+            expression = f"source in [{', '.join(_quoted(s) for s in sorted(including))}]"
+        expression = expression or _excluding_filter(excluding) or "id >= 0"
         if not self.exists():
             return []
-        return self._call("list vectors", lambda c: list(self._keys(c, source)))
+        return self._call("list vectors", lambda c: list(self._keys(c, expression)))
 
-    def _keys(self, client: Any, source: str | None) -> Iterator[tuple[int, str]]:
+    def _keys(self, client: Any, expression: str) -> Iterator[tuple[int, str, str]]:
         iterator = self._loaded(client).query_iterator(
-            self.collection, batch_size=4096, filter=_source_filter(source) or "id >= 0",
-            output_fields=["id", "vector_key"])
+            self.collection, batch_size=4096, filter=expression, output_fields=["id", "vector_key", "source"])
         try:
             while True:
                 page = iterator.next()
                 if not page:
                     break
                 for row in page:
-                    yield int(row["id"]), row["vector_key"]
+                    yield int(row["id"]), row["vector_key"], row["source"]
         finally:
             iterator.close()
+
+    # -- exact marks: a digest per source, kept with the collection ---------------------------------------
+    def exact_marks(self) -> dict[str, str]:
+        """{source: digest of its (id, vector key) pairs} for each source whose last writer left it exact; a
+        source written since (by anything that did not finish) has no mark."""
+        if not self.exists():
+            return {}
+        described = self._call("describe", lambda c: c.describe_collection(self.collection))
+        properties = described.get("properties") or {}
+        return {k[len(EXACT_MARK):]: v for k, v in properties.items() if k.startswith(EXACT_MARK) and v}
+
+    def mark_exact(self, digests: Mapping[str, str]) -> None:
+        """Record that these sources now hold exactly the vectors with these digests."""
+        if digests:
+            self._call("mark exact", lambda c: c.alter_collection_properties(
+                self.collection, properties={f"{EXACT_MARK}{s}": d for s, d in digests.items()}))
+
+    def _unmark(self, sources: set[str] | None) -> None:
+        """Before a write: the sources it touches (None: any) are no longer known to be exact. (Marks are
+        emptied, not dropped: Milvus 2.3 cannot drop a collection property.)"""
+        marked = set(self.exact_marks())
+        stale = marked if sources is None else marked & sources
+        if stale:
+            self._call("unmark", lambda c: c.alter_collection_properties(
+                self.collection, properties={f"{EXACT_MARK}{s}": "" for s in stale}))
 
     def upsert_rows(self, rows: list[dict[str, Any]]) -> int:
         """Upserts in requests of at most insert_batch_size rows and max_request_bytes bytes; an upsert is
         idempotent, so a retried request never duplicates."""
+        if rows:
+            self._unmark({row["source"] for row in rows})
         written = 0
         for batch in request_batches(rows, self.insert_batch_size, self.max_request_bytes):
             self._call("upsert", lambda c, b=batch: c.upsert(self.collection, b))
             written += len(batch)
         return written
 
-    def delete_ids(self, ids: Iterable[int]) -> int:
+    def delete_ids(self, ids: Iterable[int], sources: set[str] | None = None) -> int:
+        """Deletes by id; `sources` names the sources the ids belong to, when known (their marks are dropped;
+        otherwise every mark is)."""
         ids = list(ids)
+        if ids:
+            self._unmark(sources)
         for start in range(0, len(ids), 4096):
             part = ids[start:start + 4096]
             self._call("delete", lambda c, p=part: c.delete(self.collection, ids=p))
@@ -524,9 +623,11 @@ class MilvusStore(ConfigurableResource):
                 "compaction state", lambda c: c.get_compaction_state(job)) not in ("Completed", "UndefiedState"):
             time.sleep(1)
 
-    def count(self, source: str | None = None) -> int:
+    def count(self, source: str | None = None, excluding: set[str] | None = None) -> int:
+        """Vectors held (of one source, or of every source but the excluded ones)."""
+        expression = _source_filter(source) or _excluding_filter(excluding)
         result = self._call("count", lambda c: self._loaded(c).query(
-            self.collection, filter=_source_filter(source), output_fields=["count(*)"]))
+            self.collection, filter=expression, output_fields=["count(*)"]))
         return int(result[0]["count(*)"])
 
     def search(self, queries: np.ndarray, k: int, source: str | None = None,
@@ -570,7 +671,17 @@ def request_batches(rows: list[dict[str, Any]], max_rows: int, max_bytes: int) -
 
 
 def _source_filter(source: str | None) -> str:
-    return f'source == "{_escape(source)}"' if source is not None else ""
+    return f"source == {_quoted(source)}" if source is not None else ""
+
+
+def _excluding_filter(sources: set[str] | None) -> str:
+    if not sources:
+        return ""
+    return f"source not in [{', '.join(_quoted(s) for s in sorted(sources))}]"
+
+
+def _quoted(value: str) -> str:
+    return f'"{_escape(value)}"'
 
 
 def _escape(value: str) -> str:
@@ -594,21 +705,72 @@ def rows_for_milvus(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
         }
 
 
-def close_milvus_clients() -> None:
-    """Release every Milvus connection of this process; a Milvus Lite database is closed too, so that
-    another process can open it (Lite admits one process at a time)."""
+def close_milvus_clients(uri: str | None = None) -> None:
+    """Release this process's Milvus connections (of one URI, or all); a Milvus Lite database is closed and
+    its lock released, so that another process can open it (Lite admits one process at a time)."""
     with _MILVUS_LOCK:
-        for (uri, _token, _db), client in _MILVUS_CLIENTS.items():
+        for key in [k for k in _MILVUS_CLIENTS if uri is None or k[0] == uri]:
+            client = _MILVUS_CLIENTS.pop(key)
             try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
-            if "://" not in uri:
+            if "://" not in key[0]:
                 try:
                     from milvus_lite.server_manager import server_manager_instance
 
-                    server_manager_instance.release_server(uri)
+                    server_manager_instance.release_server(key[0])
                 except Exception:  # noqa: BLE001 - an older milvus-lite, or nothing to release
                     pass
-        _MILVUS_CLIENTS.clear()
-        _LOADED_COLLECTIONS.clear()
+        for loaded in [k for k in _LOADED_COLLECTIONS if uri is None or k[0] == uri]:
+            _LOADED_COLLECTIONS.discard(loaded)
+        for path in [p for p in _LITE_LOCKS if uri is None or p == _lock_path(uri)]:
+            lock = _LITE_LOCKS.pop(path)
+            lock.release(force=True)
+
+
+# Milvus Lite admits one process per database: processes take turns through a lock file beside it.
+_LITE_LOCKS: dict[str, FileLock] = {}
+_WAIT_LOG_EVERY_S = 30.0
+
+
+def _lock_path(uri: str) -> str:
+    return os.path.abspath(uri) + ".quiver-lock"
+
+
+def lite_holder(uri: str) -> str:
+    """Who holds a Milvus Lite database's lock, as its holder wrote it."""
+    try:
+        return UPath(_lock_path(uri) + ".holder").read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def hold_lite(uri: str, wait: bool, log: Any = None) -> bool:
+    """Take this process's turn on a Milvus Lite database (re-entrant within the process). With wait, blocks
+    for as long as another process works with it, logging who holds it every 30 s; without, returns False
+    at once when it is taken."""
+    path = _lock_path(uri)
+    with _MILVUS_LOCK:
+        lock = _LITE_LOCKS.get(path)
+        if lock is not None and lock.is_locked:
+            return True
+        if lock is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            lock = _LITE_LOCKS[path] = FileLock(path, thread_local=False)
+    started = time.monotonic()
+    while True:
+        try:
+            lock.acquire(timeout=_WAIT_LOG_EVERY_S if wait else 0)
+            break
+        except Timeout:
+            if not wait:
+                return False
+            (log or _log).info(f"waiting for the Milvus Lite database {uri}: another process holds it "
+                               f"({lite_holder(uri)}), {time.monotonic() - started:.0f}s so far")
+    command = " ".join(sys.argv)[:200]
+    holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}: {command}"
+    write_text_atomic(UPath(path + ".holder"), holder)
+    if time.monotonic() - started > 1:
+        (log or _log).info(f"took the Milvus Lite database {uri} after waiting {time.monotonic() - started:.0f}s")
+    return True

@@ -49,3 +49,36 @@ def test_invalid_settings_are_rejected() -> None:
         ChunkSettings(chunk_tokens=128, overlap_tokens=64)
     with pytest.raises(ValueError, match="leaves no room"):
         ChunkSettings(chunk_tokens=40)
+
+
+def test_no_chunk_exceeds_the_window_whatever_the_title(tokenizer) -> None:  # noqa: ANN001
+    body = " ".join(f"sentence {i} about tokenization, windows and overlapping chunks" for i in range(200))
+    docs = [(f"d{n}", " ".join(f"Heading{w}" for w in range(n)), body) for n in range(0, 151, 5)]
+    for chunk_tokens in (256, 64):
+        settings = ChunkSettings(chunk_tokens=chunk_tokens, overlap_tokens=8)
+        chunks = chunk_documents(tokenizer, docs, settings)
+        assert {c.doc_id for c in chunks} == {d for d, _, _ in docs}
+        for c in chunks:
+            seen = len(tokenizer(c.text)["input_ids"])  # the model tokenizer, special tokens included
+            assert seen == c.n_tokens <= chunk_tokens, (c.chunk_id, seen, c.n_tokens)
+            title = next(t for d, t, _ in docs if d == c.doc_id)
+            prefix = c.text[: c.text.index("\n")] if title else ""
+            assert title.startswith(prefix)  # the title is cut (between words), never rewritten
+            assert len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) <= settings.max_title_tokens
+        long_title = [c for c in chunks if c.doc_id == "d150"]
+        assert long_title[0].text.startswith("Heading0 Heading1")
+        covered = "".join(body[c.start_char:c.end_char] for c in long_title)
+        assert long_title[-1].end_char == len(body) and len(covered) >= len(body)  # the whole body is kept
+
+
+def test_chunks_larger_than_the_model_window_are_refused(quiver_home, instance, resources,  # noqa: ANN001
+                                                         tmp_path) -> None:  # noqa: ANN001
+    from tests.helpers import add_source, ingest, scifact_docs, write_jsonl
+
+    add_source(instance, resources, "wide", write_jsonl(tmp_path / "wide.jsonl", scifact_docs(2)))
+    result = ingest(instance, resources, "wide", {"ops": {"chunks": {"config": {"chunk_tokens": 512}}}},
+                    raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "chunk_tokens=512 is more than the model reads (256 tokens" in message

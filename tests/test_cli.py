@@ -114,3 +114,21 @@ def test_workspace_loads_every_asset(quiver_home: Path) -> None:
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"documents", "chunks", "embeddings", "faiss_index", "milvus_collection", "retrieval_eval"}
+
+
+def test_cli_run_indexes_every_good_source_when_a_new_one_is_bad(quiver_home: Path, tmp_path: Path) -> None:
+    quiver = str(BIN / "quiver")
+    _run([quiver, "source", "add", "first", str(write_jsonl(tmp_path / "first.jsonl", scifact_docs(4)))], quiver_home)
+    _run([quiver, "run"], quiver_home)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": \n', encoding="utf-8")
+    _run([quiver, "source", "add", "bad", str(bad)], quiver_home)
+    fresh = scifact_docs(3, start=50)
+    _run([quiver, "source", "add", "fresh", str(write_jsonl(tmp_path / "fresh.jsonl", fresh))], quiver_home)
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home)}
+    proc = subprocess.run([quiver, "run"], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"source 'bad' failed: step documents: bad input in source 'bad': {bad}:2: malformed JSON" in proc.stderr
+    assert "Quiver is ready." in proc.stdout  # the indexes were updated with every good source
+    found = json.loads(_run([quiver, "search", fresh[1]["title"], "-k", "1", "--json"], quiver_home).stdout)
+    assert found[0]["doc_id"] == fresh[1]["id"] and found[0]["source"] == "fresh"

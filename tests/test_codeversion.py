@@ -5,12 +5,24 @@ from pathlib import Path
 
 import pytest
 
-from assets.common import STAGE_UPSTREAM, stage_code_version
-from quiver.codeversion import module_dependencies, stage_version
+from quiver.codeversion import module_dependencies, stage_versions
 from tests.conftest import PROJECT
 
 STAGES = ["assets.documents", "assets.chunks", "assets.embeddings", "assets.faiss_index", "assets.milvus_collection",
           "assets.retrieval_eval"]
+
+
+def _graph() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Each stage's modules and upstream stages, read off the Dagster asset graph."""
+    from platform_defs import defs
+
+    graph = defs.resolve_asset_graph()
+    modules, upstream = {}, {}
+    for stage in STAGES:
+        node = graph.get(__import__("dagster").AssetKey(stage.split(".")[1]))
+        modules[stage] = [stage]
+        upstream[stage] = sorted(f"assets.{k.path[-1]}" for k in node.parent_keys)
+    return modules, upstream
 
 
 @pytest.fixture
@@ -21,7 +33,7 @@ def project_copy(tmp_path: Path) -> Path:
 
 
 def _versions(root: Path) -> dict[str, str]:
-    return {stage: stage_version(stage, STAGE_UPSTREAM, root) for stage in STAGES}
+    return stage_versions(*_graph(), root=root)
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -30,20 +42,26 @@ def _edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-def test_assets_carry_their_computed_code_version() -> None:
+def test_assets_carry_the_code_version_of_the_asset_graph() -> None:
+    from dagster import AssetKey
+
     from platform_defs import defs
 
     graph = defs.resolve_asset_graph()
+    expected = _versions(PROJECT)
     for stage in STAGES:
-        key = stage.split(".")[1]
-        assert graph.get(__import__("dagster").AssetKey(key)).code_version == stage_code_version(stage)
+        assert graph.get(AssetKey(stage.split(".")[1])).code_version == expected[stage]
+    _, upstream = _graph()
+    assert upstream["assets.retrieval_eval"] == ["assets.documents", "assets.faiss_index", "assets.milvus_collection"]
 
 
-def test_dependencies_are_the_logic_modules_imported() -> None:
-    assert module_dependencies("assets.chunks") == ["assets.chunks", "assets.common", "quiver.chunking",
-                                                    "quiver.hashing"]
+def test_dependencies_are_every_project_module_imported() -> None:
+    chunks = module_dependencies("assets.chunks")
+    assert {"assets.chunks", "assets.common", "quiver.chunking", "quiver.hashing"} <= set(chunks)
+    assert {"resources.fileref", "resources.model_pool", "resources.sources"} <= set(chunks)  # resources too
     assert "quiver.sources" in module_dependencies("assets.documents")
-    assert "quiver.chunking" not in module_dependencies("assets.embeddings")
+    assert "resources.embedding_cache" in module_dependencies("assets.embeddings")
+    assert not any(m.startswith("platform_defs") for m in module_dependencies(STAGES))
 
 
 DOWNSTREAM_OF_CHUNKS = {"assets.chunks", "assets.embeddings", "assets.faiss_index", "assets.milvus_collection",
@@ -78,8 +96,14 @@ def test_shared_hashing_change_changes_every_stage_that_uses_it(project_copy: Pa
     assert all(after[s] != before[s] for s in STAGES)
 
 
-def test_infrastructure_edit_changes_no_stage(project_copy: Path) -> None:
+def test_an_edit_in_resources_changes_every_stage_that_runs_it(project_copy: Path) -> None:
     before = _versions(project_copy)
     _edit(project_copy / "resources" / "vector_stores.py", "SNIPPET_CHARS = 2000", "SNIPPET_CHARS = 1000")
-    _edit(project_copy / "quiver" / "settings.py", "BUNDLED_MODEL =", "BUNDLED_MODEL_ALIAS = 1\nBUNDLED_MODEL =")
-    assert _versions(project_copy) == before
+    after = _versions(project_copy)
+    changed = {s for s in STAGES if after[s] != before[s]}
+    assert {"assets.embeddings", "assets.faiss_index", "assets.milvus_collection", "assets.retrieval_eval"} <= changed
+    assert "assets.documents" not in changed  # reading a source runs no vector store code
+    _edit(project_copy / "resources" / "embedding_cache.py", "class EmbeddingCache(ConfigurableResource):",
+          "class EmbeddingCache(ConfigurableResource):  # edited")
+    again = _versions(project_copy)
+    assert again["assets.embeddings"] != after["assets.embeddings"]

@@ -190,3 +190,65 @@ def test_one_percent_change_reencodes_only_changed_chunks(
     assert second["texts_encoded"] == len(changed)
     assert second["cache_l1_hits"] == len(new_hashes) - len(changed)
     assert second["cache_l1_misses"] == len(changed)
+
+
+def _segment_store(directory: Path, **kwargs: Any) -> Any:
+    from upath import UPath
+
+    from quiver.segments import SegmentStore
+
+    return SegmentStore(UPath(str(directory)), 4, ec.entry_size(4), **kwargs)
+
+
+def _entries(n: int, start: int = 0) -> tuple[list[bytes], list[bytes]]:
+    shas = [text_sha(f"text {i}") for i in range(start, start + n)]
+    return shas, [pack_entry(sha, np.full(4, i, np.float32)) for i, sha in zip(range(start, start + n), shas,
+                                                                              strict=True)]
+
+
+def test_temporary_segments_are_never_read_and_stale_ones_are_removed(tmp_path: Path, pool: ModelPool) -> None:
+    _new_process()
+    cache = _cache(tmp_path, l1=False, l3=True)
+    fingerprint, dimension = pool.fingerprint(), pool.dimension()
+    directory = tmp_path / "l3" / fingerprint
+    # A writer died after writing a whole, valid-looking segment under its temp name: it must never be read.
+    writer = _segment_store(directory)
+    writer.dimension, writer.entry_size = dimension, ec.entry_size(dimension)
+    name = writer._write([text_sha(TEXTS[0])], [pack_entry(text_sha(TEXTS[0]), np.ones(dimension, np.float32))])
+    (directory / name).rename(directory / f".tmp-{name}")
+    stats = CacheStats()
+    vectors = encode_with_cache(pool, cache, TEXTS[:1], stats)
+    assert (stats.hits["l3"], stats.misses["l3"]) == (0, 1)
+    np.testing.assert_allclose(vectors, pool.encode(TEXTS[:1]), atol=1e-6)
+    # Maintenance removes temporaries old enough to be abandoned, and only those.
+    os.utime(directory / f".tmp-{name}", (1, 1))
+    (directory / ".tmp-in-progress.qvseg").write_bytes(b"being written")
+    store = ec._SEGMENTS[(f"{tmp_path / 'l3'}/{fingerprint}", dimension)]
+    assert store.maintain().removed_temporaries == 1
+    assert sorted(p.name for p in directory.glob(".tmp-*")) == [".tmp-in-progress.qvseg"]
+
+
+def test_disk_level_is_bounded_merges_small_segments_and_lists_rarely(tmp_path: Path) -> None:
+    entry = ec.entry_size(4) + 32
+    store = _segment_store(tmp_path, max_bytes=40 * entry + 5 * 16, merge_at_segments=4, small_segment_entries=100,
+                           refresh_interval_s=3600)
+    for batch in range(3):
+        store.put_many(*_entries(10, 10 * batch))
+    assert len(list(tmp_path.glob("*.qvseg"))) == 3
+    store.put_many(*_entries(10, 30))  # the fourth small segment: merged into one
+    [merged] = list(tmp_path.glob("*.qvseg"))
+    shas, entries = _entries(40)
+    assert store.get_many(shas) == dict(enumerate(entries))
+    # Past the bound, the oldest segments go (the merged one is the oldest now).
+    for batch in range(4, 8):
+        store.put_many(*_entries(10, 10 * batch))
+    assert store.total_bytes() <= store.max_bytes and not (tmp_path / merged.name).exists()
+    newest_shas, newest_entries = _entries(10, 70)
+    assert store.get_many(newest_shas) == dict(enumerate(newest_entries))
+    assert store.get_many(_entries(10)[0]) == {}  # evicted: a miss, re-encoded by the caller
+    # Another process's segment: no directory listing on a miss until the refresh interval passes.
+    other = _segment_store(tmp_path)
+    other.put_many(*_entries(5, 100))
+    assert store.get_many(_entries(5, 100)[0]) == {}
+    store.refresh(force=True)
+    assert len(store.get_many(_entries(5, 100)[0])) == 5

@@ -102,3 +102,25 @@ def test_old_versions_are_pruned_but_latest_kept(tmp_path: Path) -> None:
     assert Path(refs[0].path).name in remaining  # LATEST points at it
     assert Path(refs[4].path).name in remaining
     assert Path(refs[1].path).name not in remaining
+
+
+def test_temporary_files_are_never_versions_and_abandoned_ones_are_removed(tmp_path: Path) -> None:
+    import os
+
+    store = FileStore(root=str(tmp_path), keep_versions=2)
+    directory = tmp_path / "a" / "p"
+    directory.mkdir(parents=True)
+    for i in range(3):  # a writer that died three times, just now
+        (directory / f".tmp-dead{i}.parquet").write_bytes(b"half written")
+    old = directory / ".tmp-long-dead.parquet"
+    old.write_bytes(b"half written")
+    os.utime(old, (1, 1))
+    refs = []
+    for i in range(2):
+        with store.parquet_writer(["a"], "p", SCHEMA) as writer:
+            writer.write_batch(_batch(i, 3))
+        refs.append(writer.ref)
+    # Both real versions are kept: temp files never count as versions.
+    assert {Path(r.path).name for r in refs} <= {p.name for p in directory.iterdir()}
+    assert not old.exists()
+    assert sorted(p.name for p in directory.glob(".tmp-*")) == [f".tmp-dead{i}.parquet" for i in range(3)]

@@ -216,8 +216,11 @@ def test_step_killed_mid_insert_then_rerun_ends_exact(quiver_home: Path, tmp_pat
     milvus_db = Path(resources["milvus"].uri)
     wal_before = _wal_bytes(milvus_db)
     config = tmp_path / "kill.yaml"
+    # Step retries off: the retry policy would rerun the killed step at once, and the state the kill left is
+    # what this test looks at before re-running as a user would.
     config.write_text(json.dumps({"ops": {"embeddings": {"config": {"insert_batch_size": 4, "texts_per_batch": 8}}},
-                                  "resources": {"embedding_cache": {"config": {"l3_enabled": False}}}}))
+                                  "resources": {"embedding_cache": {"config": {"l3_enabled": False}}},
+                                  "execution": {"config": {"retries": {"disabled": {}}}}}))
     command = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "platform_defs",
                "--select", "embeddings", "--partition", "big", "-c", str(config)]
     env = {**os.environ, "DAGSTER_HOME": str(quiver_home)}
@@ -336,3 +339,72 @@ def test_async_and_sync_modes_write_identical_stores(
     assert stores["sync"]["milvus"] == stores["async"]["milvus"]
     assert stores["sync"]["faiss"] == stores["async"]["faiss"]
     assert len(stores["sync"]["milvus"]) == len(stores["sync"]["parquet"]) >= 24
+
+
+def test_an_interrupted_write_is_never_a_cache_hit_for_the_collection(tmp_path: Path, instance: Any,
+                                                                      resources: dict[str, Any]) -> None:
+    """A writer killed after some upserts leaves the count as it was; the collection step must not trust it."""
+    add_source(instance, resources, "marks", write_jsonl(tmp_path / "m.jsonl", _corpus(6)))
+    ingest(instance, resources, "marks")
+    assert metadata(index(instance, resources), "milvus_collection")["cache_hit"] is True
+    milvus = resources["milvus"]
+    assert set(milvus.exact_marks()) == {"marks"}
+    victim = sorted(milvus.existing_keys())[0]
+    row = milvus.loaded_client().query(milvus.collection, filter=f"id == {victim}", output_fields=["*"])[0]
+    milvus.upsert_rows([{**row, "vector_key": "f" * 32}])  # what a killed embeddings step leaves: same count
+    assert milvus.exact_marks() == {}  # every write clears the mark of the source it touches first
+    result = index(instance, resources)
+    meta = metadata(result, "milvus_collection")
+    assert meta["cache_hit"] is False and meta["synced_sources"] == ["marks"] and meta["upserted"] == 1
+    assert check_results(result)["milvus_collection_matches_chunks"].passed
+    assert milvus.existing_keys()[victim] == _chunk_rows(resources, "marks")[victim][2]
+    assert metadata(index(instance, resources), "milvus_collection")["cache_hit"] is True
+
+
+def test_forced_rebuilds_never_disturb_a_reader_of_the_live_index(tmp_path: Path, instance: Any,
+                                                                  resources: dict[str, Any]) -> None:
+    from dagster import materialize
+
+    from platform_defs.definitions import ALL_ASSETS
+
+    add_source(instance, resources, "live", write_jsonl(tmp_path / "live.jsonl", _corpus(30)))
+    ingest(instance, resources, "live")
+    index(instance, resources)
+    store = resources["faiss_store"]
+    first = store.current_version()
+    expected = store.open_current().index.ntotal
+    errors: list[BaseException] = []
+    reads = 0
+    stop = threading.Event()
+
+    def reader() -> None:
+        nonlocal reads
+        query = resources["model_pool"].encode(["cancer"])
+        while not stop.is_set():
+            try:
+                version = store.open_current()
+                assert version.index.ntotal == expected and len(version.search(query, 3)[0]) == 3
+                reads += 1
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+                return
+
+    def rebuild(config: dict[str, Any]) -> dict[str, Any]:
+        result = materialize(ALL_ASSETS, instance=instance, resources=resources, selection=["faiss_index"],
+                             run_config={"ops": {"faiss_index": {"config": config}}})
+        return metadata(result, "faiss_index")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        forced = [rebuild({"force": True, "rebuild": True}) for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and reads > 0
+    versions = [m["version"] for m in forced]
+    assert len({first, *versions}) == 4 and store.current_version() == versions[-1]
+    assert (Path(store.version_dir(first).path) / "manifest.json").exists()  # replaced, kept for its readers
+    # rebuild alone rebuilds: never a cache hit, always a new version
+    alone = rebuild({"rebuild": True})
+    assert alone["cache_hit"] is False and alone["mode"] == "rebuild" and alone["version"] not in versions

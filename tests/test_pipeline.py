@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from quiver.errors import FileRefError
-from tests.helpers import add_source, index, ingest, metadata, scifact_docs, write_jsonl
+from tests.helpers import add_source, check_results, index, ingest, metadata, scifact_docs, write_jsonl
 
 QUERIES = [
     "cancer cell proliferation", "vitamin D deficiency", "neural development in infants",
@@ -50,13 +50,13 @@ def test_end_to_end_cache_and_store_agreement(two_sources: dict[str, Any], insta
     assert chunks_total >= 60
     assert first["embeddings[papers]"]["texts_encoded"] == first["chunks[papers]"]["rows"]
     assert first["faiss_index"]["vectors"] == chunks_total
-    # Each source's vectors went into Milvus as they were embedded; the collection step found nothing to do.
+    # Each source's vectors went into Milvus as they were embedded, and each source was marked exact: the
+    # collection step compared the marks with the embeddings and had nothing to list or write.
     for partition in ("papers", "notes"):
         assert first[f"embeddings[{partition}]"]["milvus_upserted"] == first[f"chunks[{partition}]"]["rows"]
         assert first[f"embeddings[{partition}]"]["milvus_deleted"] == 0
-    assert first["milvus_collection"]["upserted"] == 0
-    assert first["milvus_collection"]["unchanged"] == chunks_total
-    assert first["milvus_collection"]["collection_count"] == chunks_total
+    assert first["milvus_collection"]["cache_hit"] is True
+    assert first["milvus_collection"]["vectors"] == chunks_total == resources["milvus"].count()
     assert first["faiss_index"]["index_type"] == "flat"
 
     # The materialization's data version is the Parquet content hash.
@@ -111,10 +111,10 @@ def test_changed_source_reembeds_only_that_partition_and_removal_drops_vectors(
     assert metadata(notes, "embeddings")["cache_hit"] is True
     result = index(instance, resources)
     milvus_meta = metadata(result, "milvus_collection")
-    assert (milvus_meta["upserted"], milvus_meta["deleted"]) == (0, 0)
+    assert milvus_meta["cache_hit"] is True  # the embeddings step left both sources marked exact
     expected = metadata(papers, "chunks")["rows"] + metadata(notes, "chunks")["rows"]
-    assert expected - first["milvus_collection"]["collection_count"] in (0, 1)  # the edit may add a chunk
-    assert milvus_meta["collection_count"] == expected
+    assert expected - first["milvus_collection"]["vectors"] in (0, 1)  # the edit may add a chunk
+    assert milvus_meta["vectors"] == expected == resources["milvus"].count()
     assert metadata(result, "faiss_index")["vectors"] == expected
 
     # Removing a source drops its partition and, on the next index run, its vectors.
@@ -125,6 +125,7 @@ def test_changed_source_reembeds_only_that_partition_and_removal_drops_vectors(
     assert metadata(result, "faiss_index")["vectors"] == papers_chunks
     milvus_meta = metadata(result, "milvus_collection")
     assert milvus_meta["deleted"] == first["chunks[notes]"]["rows"]
+    assert (milvus_meta["removed_sources"], milvus_meta["synced_sources"]) == (["notes"], [])
     assert resources["milvus"].count() == papers_chunks
     hits = resources["faiss_store"].open_current().search(resources["model_pool"].encode(QUERIES), 50)
     assert {h.source for row in hits for h in row} == {"papers"}
@@ -205,3 +206,96 @@ def test_io_manager_rejects_tampered_and_foreign_filerefs(
     assert f"FileRef {outside} points outside the storage root" in _error_text(foreign)
     with pytest.raises(FileRefError):
         store.check(store.read_latest(["chunks"], "notes"))
+
+
+def test_a_source_without_a_good_output_never_blocks_the_indexes(
+    two_sources: dict[str, Any], tmp_path: Path, instance: Any, resources: dict[str, Any]
+) -> None:
+    first = _materialize_all(instance, resources)
+    # A new source whose first run fails on bad input, and another good new source.
+    bad = write_jsonl(tmp_path / "bad.jsonl", scifact_docs(3, start=70))
+    bad.write_text(bad.read_text() + '{"id": "broken", "text": \n', encoding="utf-8")
+    add_source(instance, resources, "bad", bad)
+    good_docs = scifact_docs(5, start=80)
+    add_source(instance, resources, "good", write_jsonl(tmp_path / "good.jsonl", good_docs))
+    assert not ingest(instance, resources, "bad", raise_on_error=False).success
+    ingest(instance, resources, "good")
+    result = index(instance, resources)
+    for asset in ("faiss_index", "milvus_collection"):
+        meta = metadata(result, asset)
+        assert list(meta["skipped_sources"]) == ["bad"], asset
+        assert "has not been materialized yet" in meta["skipped_sources"]["bad"]
+    assert all(e.passed for e in check_results(result).values())
+    papers_and_notes = first["faiss_index"]["vectors"]
+    assert metadata(result, "faiss_index")["vectors"] > papers_and_notes
+    vectors = resources["model_pool"].encode([good_docs[0]["title"]])
+    assert resources["faiss_store"].open_current().search(vectors, 1)[0][0].doc_id == good_docs[0]["id"]
+    assert resources["milvus"].search(vectors, 1)[0][0].doc_id == good_docs[0]["id"]
+
+    # A source whose output vanishes behind Quiver's back is skipped too, and its vectors are left as they are,
+    # through an incremental update and a rebuild alike.
+    notes = resources["store"].read_latest(["embeddings"], "notes")
+    Path(notes.path).unlink()
+    for config in ({}, {"ops": {"faiss_index": {"config": {"rebuild": True}}}}):
+        again = index(instance, resources, run_config=config)
+        assert set(metadata(again, "faiss_index")["skipped_sources"]) == {"bad", "notes"}
+        assert metadata(again, "faiss_index")["vectors_left_as_they_are"] == first["chunks[notes]"]["rows"]
+        held = resources["faiss_store"].open_current().payload.column("source").to_pylist()
+        assert held.count("notes") == first["chunks[notes]"]["rows"]
+        assert resources["milvus"].count(source="notes") == first["chunks[notes]"]["rows"]
+
+
+def test_partition_keys_that_are_not_source_names_are_refused(instance: Any, resources: dict[str, Any],
+                                                              quiver_home: Path) -> None:
+    from dagster import materialize
+
+    from platform_defs.definitions import ALL_ASSETS
+
+    for key in ("../../escape", "a/b", ".hidden"):
+        instance.add_dynamic_partitions("sources", [key])  # what the UI or GraphQL may add
+        result = materialize(ALL_ASSETS, instance=instance, resources=resources, partition_key=key,
+                             selection=["documents"], raise_on_error=False)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.is_step_failure)
+        assert f"partition key {key!r} is not allowed" in failure.step_failure_data.user_failure_data.description
+    root = Path(resources["store"].root)
+    outside = [p for p in quiver_home.parent.rglob("*") if root not in p.parents and p != root
+               and quiver_home not in p.parents and p != quiver_home]
+    assert outside == []  # nothing was written anywhere but inside the home
+    with pytest.raises(Exception, match="is not allowed"):
+        resources["store"].asset_dir(["documents"], "../../escape")
+
+
+def test_a_moved_home_keeps_every_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            quiver_home: Path) -> None:
+    import shutil
+
+    from dagster import DagsterInstance
+
+    from platform_defs.resources import build_resources
+    from resources.vector_stores import close_milvus_clients
+
+    inbox = quiver_home / "inbox"
+    inbox.mkdir()
+    write_jsonl(inbox / "papers.jsonl", scifact_docs(6))
+
+    def run_everything() -> dict[str, dict[str, Any]]:
+        resources = build_resources(resolve_env=True)
+        with DagsterInstance.get() as instance:
+            add_source(instance, resources, "papers", inbox / "papers.jsonl")
+            meta = {a: metadata(r, a) for r in (ingest(instance, resources, "papers"),)
+                    for a in ("documents", "chunks", "embeddings")}
+            indexed = index(instance, resources)
+            meta.update({a: metadata(indexed, a) for a in ("faiss_index", "milvus_collection")})
+            assert all(e.passed for e in check_results(indexed).values())
+        close_milvus_clients()
+        return meta
+
+    run_everything()
+    moved = tmp_path / "restored-elsewhere"
+    shutil.move(str(quiver_home), str(moved))
+    monkeypatch.setenv("DAGSTER_HOME", str(moved))
+    inbox = moved / "inbox"
+    again = run_everything()
+    assert {a: m["cache_hit"] for a, m in again.items()} == dict.fromkeys(again, True)
+    assert again["embeddings"]["texts_encoded"] == 0

@@ -189,7 +189,7 @@ def test_reexecution_from_failure_reuses_steps_and_does_nothing_twice(
     failed = instance.get_runs(limit=1)[0]
     assert failed.is_failure
     error = _step_failure_text(instance, failed.run_id)
-    assert "Milvus upsert" in error and "still failing after 3 attempts" in error, error
+    assert "Milvus " in error and "still failing after 3 attempts" in error, error
 
     fingerprint = resources["model_pool"].fingerprint()
     encoded_before = _l3_entries(quiver_home, fingerprint)
@@ -244,3 +244,49 @@ def test_settings_from_the_environment_survive_partial_run_config(monkeypatch: p
     assert seen == {"uri": milvus_server.uri, "token": "root:Milvus", "collection": "from_env", "attempts": 2,
                     "exists": True}
     close_milvus_clients()
+
+
+def _step_starts(result: Any, step: str) -> int:
+    return sum(1 for e in result.all_events if e.event_type_value in ("STEP_START", "STEP_RESTARTED")
+               and e.step_key == step)
+
+
+def test_a_step_whose_service_is_down_is_retried_by_its_retry_policy_and_bad_input_is_not(
+        quiver_home: Path, tmp_path: Path, instance: Any, resources: dict[str, Any]) -> None:
+    from tests.helpers import ingest
+
+    add_source(instance, resources, "late", write_jsonl(tmp_path / "late.jsonl", scifact_docs(3)))
+    port = free_port()
+    # One attempt per call: the first attempt of the step fails at once; the step's retry policy runs it again.
+    cache = EmbeddingCache(l2_enabled=True, redis_url=f"redis://127.0.0.1:{port}/0", redis_prefix="quiver-step:",
+                           retry_attempts=1)
+    server: list[subprocess.Popen] = []
+    done = threading.Event()
+
+    def start_redis_once_the_step_failed() -> None:
+        from dagster import DagsterEventType, EventRecordsFilter
+
+        wanted = EventRecordsFilter(event_type=DagsterEventType.STEP_UP_FOR_RETRY)
+        while not done.is_set() and not instance.get_event_records(wanted, limit=1):
+            time.sleep(0.05)
+        if not done.is_set():
+            server.append(_redis_server(port))
+
+    starter = threading.Thread(target=start_redis_once_the_step_failed)
+    starter.start()
+    try:
+        result = ingest(instance, {**resources, "embedding_cache": cache}, "late")
+    finally:
+        done.set()
+        starter.join()
+        for proc in server:
+            proc.kill()
+    assert result.success
+    assert _step_starts(result, "embeddings") >= 2  # failed on the service, then retried after a backoff
+    assert any(e.event_type_value == "STEP_UP_FOR_RETRY" and e.step_key == "embeddings" for e in result.all_events)
+
+    (tmp_path / "late.jsonl").write_text('{"id": "x", "text": \n', encoding="utf-8")
+    bad = ingest(instance, resources, "late", raise_on_error=False)
+    assert not bad.success and _step_starts(bad, "documents") == 1  # bad input: never retried
+    failure = next(e for e in bad.all_events if e.is_step_failure)
+    assert "late.jsonl:1: malformed JSON" in failure.step_failure_data.user_failure_data.description

@@ -179,13 +179,109 @@ def test_maintenance_schedules(tmp_path: Path, instance: Any, resources: dict[st
     assert ops["milvus_collection"]["config"]["compact"] is True
     write_jsonl(tmp_path / "plain.jsonl", scifact_docs(4))
     ingest(instance, resources, "plain")
-    assert ivf.manifest(ivf.current_key())["changes_since_rebuild"] == 0
+    assert ivf.manifest(ivf.current_version())["changes_since_rebuild"] == 0
     index(instance, {**resources, "faiss_store": ivf})
-    assert ivf.manifest(ivf.current_key())["changes_since_rebuild"] > 0  # updated in place since training
+    assert ivf.manifest(ivf.current_version())["changes_since_rebuild"] > 0  # updated in place since training
     due = index_maintenance_schedule(_night(instance, faiss_store=ivf))
     assert due.run_config["ops"]["faiss_index"]["config"] == {"rebuild": True, "force": True}
     rebuilt = index(instance, {**resources, "faiss_store": ivf}, run_config=due.run_config)
     from tests.helpers import metadata
 
     assert metadata(rebuilt, "faiss_index")["mode"] == "rebuild"
-    assert ivf.manifest(ivf.current_key())["changes_since_rebuild"] == 0
+    assert ivf.manifest(ivf.current_version())["changes_since_rebuild"] == 0
+
+
+def test_a_vanished_inbox_removes_nothing_and_a_deleted_file_removes_only_its_source(
+        tmp_path: Path, instance: Any, resources: dict[str, Any]) -> None:
+    box = tmp_path / "inbox"
+    box.mkdir()
+    docs = scifact_docs(3)
+    for i, name in enumerate(("alpha", "beta", "gamma")):
+        write_jsonl(box / f"{name}.jsonl", docs[i:i + 1])
+    inbox = Inbox(directory=str(box), settle_seconds=0)
+    added = _tick(instance, resources, inbox, None)
+    assert sorted(json.loads(added.cursor)) == ["alpha", "beta", "gamma"]
+
+    def unchanged_after(result: Any) -> None:
+        from dagster import SkipReason
+
+        assert isinstance(result, SkipReason), result
+        assert sorted(s.name for s in resources["sources"].all()) == ["alpha", "beta", "gamma"]
+        assert sorted(instance.get_dynamic_partitions("sources")) == ["alpha", "beta", "gamma"]
+
+    # Unmounted or renamed: the directory is gone. The tick skips; no source, partition or vector is dropped.
+    box.rename(tmp_path / "inbox-away")
+    gone = inbox_sensor(build_sensor_context(instance=instance, cursor=added.cursor,
+                                             resources={"inbox": inbox, "sources": resources["sources"]}))
+    unchanged_after(gone)
+    assert "does not exist" in gone.skip_message and "no source is added or removed" in gone.skip_message
+    # A file where the directory was, and an empty mount point, change nothing either.
+    box.write_text("not a directory")
+    unchanged_after(inbox_sensor(build_sensor_context(instance=instance, cursor=added.cursor,
+                                                      resources={"inbox": inbox, "sources": resources["sources"]})))
+    box.unlink()
+    box.mkdir()
+    empty = inbox_sensor(build_sensor_context(instance=instance, cursor=added.cursor,
+                                              resources={"inbox": inbox, "sources": resources["sources"]}))
+    unchanged_after(empty)
+    assert "is empty" in empty.skip_message
+    box.rmdir()
+
+    # Back, with one file deleted: only that source goes.
+    (tmp_path / "inbox-away").rename(box)
+    (box / "beta.jsonl").unlink()
+    after = _tick(instance, resources, inbox, added.cursor)
+    assert sorted(json.loads(after.cursor)) == ["alpha", "gamma"]
+    assert [r.job_name for r in after.run_requests] == ["index_job"]
+    assert after.dynamic_partitions_requests == [DeleteDynamicPartitionsRequest("sources", ["beta"])]
+    assert sorted(s.name for s in resources["sources"].all()) == ["alpha", "gamma"]
+    assert sorted(instance.get_dynamic_partitions("sources")) == ["alpha", "gamma"]
+
+
+def test_a_burst_of_inbox_files_through_a_real_daemon_ends_in_exact_stores(tmp_path: Path, quiver_home: Path,
+                                                                           instance: Any) -> None:
+    """Five sources at once: five concurrent ingest runs on the default instance, each writing Milvus Lite or
+    leaving it to the index run; all succeed, and the automation's index run finds both stores exact."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bin_dir = Path(sys.executable).parent
+    box = tmp_path / "inbox"
+    box.mkdir()
+    docs = scifact_docs(15)
+    for i in range(5):
+        write_jsonl(box / f"burst{i}.jsonl", docs[3 * i:3 * i + 3])
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home), "QUIVER_INBOX": str(box), "PYTHONPATH": str(PROJECT)}
+    for sensor_name in ("inbox_sensor", "index_automation_sensor"):
+        subprocess.run([str(bin_dir / "dagster"), "sensor", "start", "-m", "platform_defs", sensor_name], cwd=PROJECT,
+                       env=env, check=True, capture_output=True, timeout=120)
+    daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-m", "platform_defs"], cwd=PROJECT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            runs = instance.get_runs()
+            ingests = [r for r in runs if r.job_name == "ingest_job"]
+            indexed = [r for r in runs if r.job_name != "ingest_job" and r.is_success]
+            if len(ingests) == 5 and indexed and all(r.is_finished for r in runs) and _checks(instance):
+                break
+            assert time.monotonic() < deadline, [(r.job_name, r.status) for r in runs]
+            time.sleep(1)
+    finally:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+    assert all(r.is_success for r in ingests), [(r.run_id, r.status) for r in ingests]
+    assert sorted(r.tags["dagster/partition"] for r in ingests) == [f"burst{i}" for i in range(5)]
+    assert _checks(instance) == {"faiss_index_matches_chunks": True, "milvus_collection_matches_chunks": True}
+
+
+def _checks(instance: Any) -> dict[str, bool]:
+    """{check name: passed} of the latest evaluation of each asset check in the instance."""
+    from dagster import DagsterEventType, EventRecordsFilter
+
+    records = instance.get_event_records(EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION),
+                                         ascending=True)
+    return {r.event_log_entry.dagster_event.event_specific_data.check_name:
+            r.event_log_entry.dagster_event.event_specific_data.passed for r in records}

@@ -50,24 +50,72 @@ def test_index_types_find_neighbours_by_id(kind: str) -> None:
 def test_versions_are_atomic_and_current_moves_only_when_complete(tmp_path: Path) -> None:
     store = FaissStore(directory=str(tmp_path / "faiss"))
     vectors, ids = _data(100)
-    store.write_version("v1", vectors, _payload(ids), {"content_hash": "h1"})
-    store.make_current("v1")
-    assert store.open_current().index.ntotal == 100
+    v1 = store.write_version("k1", vectors, _payload(ids), {"content_hash": "h1"})["version"]
+    store.make_current(v1)
+    assert store.open_current().index.ntotal == 100 and store.version_for("k1") == v1
 
     bad_ids = ids.copy()
     bad_ids[1] = bad_ids[0]
     with pytest.raises(QuiverError, match="duplicate vector ids"):
-        store.write_version("v2", vectors, _payload(bad_ids), {"content_hash": "h2"})
-    assert store.current_key() == "v1"
-    assert not store.has_version("v2")
+        store.write_version("k2", vectors, _payload(bad_ids), {"content_hash": "h2"})
+    assert store.current_version() == v1
+    assert store.version_for("k2") is None
     with pytest.raises(QuiverError, match="incomplete or missing"):
-        store.make_current("v2")
-    assert [p.name for p in (tmp_path / "faiss" / "versions").iterdir()] == ["v1"]
+        store.make_current("no-such-version")
+    assert [p.name for p in (tmp_path / "faiss" / "versions").iterdir()] == [v1]
 
-    store.write_version("v3", vectors[:10], _payload(ids[:10]), {"content_hash": "h3"})
-    assert store.current_key() == "v1"  # written but not yet current: readers still see v1
-    store.make_current("v3")
+    v3 = store.write_version("k3", vectors[:10], _payload(ids[:10]), {"content_hash": "h3"})["version"]
+    assert store.current_version() == v1  # written but not yet current: readers still see v1
+    store.make_current(v3)
     current = store.open_current()
     assert current.index.ntotal == 10 and current.manifest["content_hash"] == "h3"
     hit = current.search(vectors[3:4], 1)[0][0]
     assert hit.vector_id == int(ids[3]) and hit.chunk_id == str(ids[3])
+
+
+def test_a_rebuild_of_the_same_inputs_is_a_new_version_and_never_touches_the_live_one(tmp_path: Path) -> None:
+    store = FaissStore(directory=str(tmp_path / "faiss"), keep_versions=1, retain_replaced_s=0)
+    vectors, ids = _data(100)
+    live = store.write_version("same-key", vectors, _payload(ids), {"content_hash": "h"})["version"]
+    store.make_current(live)
+    files = {p.name: p.stat().st_ino for p in store.version_dir(live).iterdir()}
+    again = store.write_version("same-key", vectors, _payload(ids), {"content_hash": "h"})["version"]
+    assert again != live and store.version_for("same-key") == again
+    # Written, not yet current: the live version is exactly as it was, file for file.
+    assert {p.name: p.stat().st_ino for p in store.version_dir(live).iterdir()} == files
+    assert store.current_version() == live
+    store.make_current(again)
+    assert not store.version_dir(live).exists()  # replaced, nothing retains it here (keep 1, no grace)
+
+
+def test_readers_following_current_never_fail_while_versions_are_rebuilt(tmp_path: Path) -> None:
+    import threading
+
+    store = FaissStore(directory=str(tmp_path / "faiss"), keep_versions=1, retain_replaced_s=30)
+    vectors, ids = _data(20_000, dim=64)
+    store.make_current(store.write_version("k", vectors, _payload(ids), {"content_hash": "h"})["version"])
+    errors: list[BaseException] = []
+    reads = 0
+    stop = threading.Event()
+
+    def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            try:
+                version = store.open_current()
+                assert version.index.ntotal == 20_000
+                assert version.search(vectors[:1], 1)[0][0].vector_id == int(ids[0])
+                reads += 1
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(3):  # forced rebuilds of the same inputs, made current as soon as each is complete
+            store.make_current(store.write_version("k", vectors, _payload(ids), {"content_hash": "h"})["version"])
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and reads > 0
