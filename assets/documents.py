@@ -35,6 +35,9 @@ class DocumentsConfig(Config):
     on_bad_record: Literal["fail", "skip"] = Field(
         default="fail", description="fail: stop at the first bad record; skip: drop it and list it in metadata.")
     force: bool = Field(default=False, description="Recompute even when the cached output is still valid.")
+    allow_empty: bool = Field(default=False, description="Accept a source that reads no document although its "
+                              "last output had some (off: that looks like a vanished mount, and would drop every "
+                              "vector of the source).")
 
 
 def document_batches(docs: Iterator[Document]) -> Iterator[pa.RecordBatch]:
@@ -69,10 +72,14 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
         context.log.info(f"documents[{partition}]: cache hit {key}, reusing {cached.path}")
         return PartitionResult(cached, True, key, {"source": spec.path})
     report = ReadReport()
+    previous = store.read_latest(["documents"], partition)
     try:
         with store.parquet_writer(["documents"], partition, DOCUMENTS_SCHEMA) as writer:
             for batch in document_batches(read_documents(spec.kind, spec.path, config.on_bad_record, report)):
                 writer.write_batch(batch)
+            if writer.rows == 0 and previous is not None and previous.rows > 0 and not config.allow_empty:
+                raise InputError(spec.path, f"no document read, where the last output had {previous.rows}: is a "
+                                            "mount missing? (set allow_empty to accept an empty source)")
     except InputError as exc:
         # Nothing was written: the partition's last good output stays the one downstream reads.
         raise Failure(description=f"bad input in source {partition!r}: {exc}",

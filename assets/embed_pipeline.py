@@ -219,5 +219,6 @@ def embed_partition_vectors(
         bar.close()
     if milvus is not None and existing is not None:
         result.deleted = milvus.delete_ids((vid for vid in existing if vid not in result.seen), sources={partition})
-        milvus.mark_exact({partition: result.digest.hexdigest()})  # this source now holds exactly these vectors
+        milvus.mark_exact(partition, result.digest.hexdigest())  # verified: this source holds exactly these now
+        milvus.release()
     return result

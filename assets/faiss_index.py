@@ -37,6 +37,8 @@ from assets.common import (
 )
 from assets.indexes_common import (
     IndexDiff,
+    compared_sources,
+    content_hash,
     diff_index,
     embedding_dimension,
     expected_vectors,
@@ -145,9 +147,14 @@ def faiss_index(
 ) -> MaterializeResult:
     started = time.perf_counter()
     settings = faiss_store.settings()
-    # Skipped sources are in the key: their vectors are carried over as they are, so the content differs.
+    current = faiss_store.current_version()
+    current_manifest = faiss_store.manifest(current) if current and faiss_store.has_version(current) else None
+    # Sources skipped for want of a good output keep the vectors the current version holds for them: those are
+    # part of the content, so they are in the key and the data version.
+    carried = (faiss_store.keys_of_sources(current, set(embeddings.skipped))
+               if current_manifest and embeddings.skipped else {})
     key = stage_cache_key(context, None, partitions_hashes(embeddings),
-                          {**settings.__dict__, "skipped": sorted(embeddings.skipped)})
+                          {**settings.__dict__, "carried": content_hash(carried) if carried else None})
     cached = None if (config.force or config.rebuild) else faiss_store.version_for(key)
     if cached is not None:
         faiss_store.make_current(cached)
@@ -157,22 +164,25 @@ def faiss_index(
             data_version=DataVersion(manifest["content_hash"]),
             metadata={"cache_hit": True, "cache_key": key, "vectors": manifest["ntotal"],
                       "index_type": manifest["index_type"], "version": cached,
+                      **skipped_metadata(embeddings, len(carried)),
                       "path": MetadataValue.path(str(faiss_store.version_dir(cached)))},
         )
-    current = faiss_store.current_version()
-    current_manifest = faiss_store.manifest(current) if current and faiss_store.has_version(current) else None
     held = faiss_store.payload_keys(current) if current_manifest else {}
-    protected = faiss_store.ids_of_sources(current, set(embeddings.skipped)) if current_manifest else set()
-    diff = diff_index(store, embeddings, held, protected)
+    diff = diff_index(store, embeddings, held, set(carried))
     dimension = embedding_dimension(store, embeddings) or (current_manifest or {}).get("dimension", 0)
+    if carried and (current_manifest or {}).get("dimension") != dimension:
+        context.log.warning(f"faiss_index: the vectors of skipped sources are {current_manifest['dimension']}-d, "  # type: ignore[index]
+                            f"the embeddings {dimension}-d: they cannot be kept in this index and are dropped")
+        carried, diff.protected = {}, set()
     with faiss_store.writing_version(key) as draft:
         build_started = time.perf_counter()
         if current_manifest and can_update(current_manifest, settings, dimension, diff, config):
             facts = update_version(draft, faiss_store, current, store, embeddings, diff, current_manifest)
         else:
             facts = rebuild_version(draft, store, embeddings, diff, settings, dimension,
-                                    carried_rows(faiss_store, current if current_manifest else None, protected))
-        draft.manifest = {**facts, "content_hash": diff.content_hash(), "partitions": sorted(embeddings),
+                                    carried_rows(faiss_store, current, set(carried)))
+        draft.manifest = {**facts, "content_hash": content_hash({**diff.desired, **carried}),
+                          "partitions": sorted(embeddings),
                           "settings": settings.__dict__, "build_seconds": time.perf_counter() - build_started}
     manifest = draft.manifest
     faiss_store.make_current(draft.version)
@@ -192,18 +202,20 @@ def faiss_index(
     )
 
 
-@asset_check(asset=faiss_index, additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True})},
-             blocking=True,
+@asset_check(asset=faiss_index, blocking=True,
+             additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True}),
+                             "embeddings": AssetIn("embeddings", metadata={SKIP_MISSING_PARTITIONS: True})},
              **memory_class("io"),
              description="The current FAISS version holds exactly one vector per current chunk: none missing, "
                          "none stale or out of date, none twice.")
 @fail_fast_unless_transient
-def faiss_index_matches_chunks(chunks: PartitionRefs, store: FileStore, faiss_store: FaissStore,
-                               model_pool: ModelPool) -> AssetCheckResult:
-    expected = expected_vectors(store, chunks, model_pool.fingerprint())
+def faiss_index_matches_chunks(chunks: PartitionRefs, embeddings: PartitionRefs, store: FileStore,
+                               faiss_store: FaissStore, model_pool: ModelPool) -> AssetCheckResult:
+    compared, skipped = compared_sources(chunks, embeddings)
+    expected = expected_vectors(store, compared, model_pool.fingerprint())
     current = faiss_store.current_version()
-    protected = faiss_store.ids_of_sources(current, set(chunks.skipped)) if current else set()
+    protected = set(faiss_store.keys_of_sources(current, set(skipped))) if current else set()
     found = reconcile("FAISS", expected, faiss_store.held_vectors(current) if current else (), protected)
-    found.skipped = dict(chunks.skipped)
+    found.skipped = skipped
     return AssetCheckResult(passed=found.exact, description=found.describe(),
                             metadata={**found.metadata(), "version": current or ""})

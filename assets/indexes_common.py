@@ -30,6 +30,13 @@ def skipped_metadata(refs: PartitionRefs, left_as_they_are: int) -> dict[str, An
     return {"skipped_sources": MetadataValue.json(refs.skipped), "vectors_left_as_they_are": left_as_they_are}
 
 
+def compared_sources(chunks: PartitionRefs, embeddings: PartitionRefs) -> tuple[dict[str, FileRef], dict[str, str]]:
+    """What a reconciliation check compares: the chunks of every source the index could take (a good output in
+    both chunks and embeddings), and the sources it skipped, with why."""
+    skipped = {**embeddings.skipped, **chunks.skipped}
+    return {p: ref for p, ref in chunks.items() if p not in skipped}, skipped
+
+
 def partition_digest(store: FileStore, ref: FileRef) -> str:
     """KeyDigest of a partition's (vector id, vector key) pairs, read once per output and remembered."""
     cached = store.cache_get(["_digests"], None, ref.sha256)

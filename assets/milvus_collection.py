@@ -20,6 +20,7 @@ from pydantic import Field
 
 from assets.common import fail_fast_unless_transient, memory_class, run_metadata
 from assets.indexes_common import (
+    compared_sources,
     diff_index,
     embedding_dimension,
     expected_vectors,
@@ -61,7 +62,7 @@ def sync_source(milvus: MilvusStore, store: FileStore, source: str, ref: FileRef
     report.deleted += milvus.delete_ids(diff.stale, sources={source})
     report.unchanged += diff.unchanged
     report.synced_sources.append(source)
-    milvus.mark_exact({source: digest})
+    milvus.mark_exact(source, digest)
 
 
 def sync_collection(milvus: MilvusStore, store: FileStore, embeddings: PartitionRefs, digests: Mapping[str, str],
@@ -140,17 +141,18 @@ def milvus_collection(
 
 
 @asset_check(asset=milvus_collection, blocking=True, **memory_class("io"),
-             additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True})},
+             additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True}),
+                             "embeddings": AssetIn("embeddings", metadata={SKIP_MISSING_PARTITIONS: True})},
              description="The Milvus collection holds exactly one vector per current chunk: none missing, none "
                          "stale or out of date, none twice.")
 @fail_fast_unless_transient
-def milvus_collection_matches_chunks(chunks: PartitionRefs, store: FileStore, milvus: MilvusStore,
-                                     model_pool: ModelPool) -> AssetCheckResult:
-    expected = expected_vectors(store, chunks, model_pool.fingerprint())
-    skipped = set(chunks.skipped)
-    protected = {vid for vid, _, _ in milvus.key_rows(including=skipped)}
+def milvus_collection_matches_chunks(chunks: PartitionRefs, embeddings: PartitionRefs, store: FileStore,
+                                     milvus: MilvusStore, model_pool: ModelPool) -> AssetCheckResult:
+    compared, skipped = compared_sources(chunks, embeddings)
+    expected = expected_vectors(store, compared, model_pool.fingerprint())
+    protected = {vid for vid, _, _ in milvus.key_rows(including=set(skipped))}
     found = reconcile("Milvus", expected, milvus.iter_keys(), protected)
-    found.skipped = dict(chunks.skipped)
+    found.skipped = skipped
     # Rows the iterator collapsed (one primary key stored twice) still show in the collection's count.
     held = (milvus.count() if milvus.exists() else 0) - found.left_as_they_are
     found.duplicates += max(0, held - found.held)

@@ -51,7 +51,17 @@ index_automation_sensor = AutomationConditionSensorDefinition(
         description="Files in the inbox directory are sources: added, changed and removed files are ingested, "
                     "re-ingested and dropped (with their vectors). A missing or unreadable inbox changes nothing.")
 def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: SourceRegistry) -> SensorResult | SkipReason:
-    acted: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    # The cursor: {"inbox": the directory its sources came from, "sources": {name: content hash acted on}}
+    # (an older cursor is the bare {name: hash}).
+    acted: dict[str, str] = cursor.get("sources", {}) if "sources" in cursor else cursor
+    watched = str(UPath(inbox.directory).absolute())
+    if acted and cursor.get("inbox") not in (None, watched):
+        message = (f"the inbox is now {watched}, but {len(acted)} sources came from {cursor['inbox']}: nothing is "
+                   "added or removed (a mistyped QUIVER_INBOX would otherwise remove them all). To watch another "
+                   "directory, move the files there or reset this sensor's cursor.")
+        context.log.warning(message)
+        return SkipReason(message)
     try:
         scan = scan_inbox(inbox.directory, inbox.settle_seconds)
     except InboxUnavailableError as exc:
@@ -100,7 +110,7 @@ def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: Source
     for name, why in scan.unreadable.items():
         context.log.warning(f"inbox entry of source {name!r} cannot be read now ({why}); it is kept, not removed")
     return SensorResult(run_requests=runs, dynamic_partitions_requests=requests,
-                        cursor=json.dumps(acted, sort_keys=True))
+                        cursor=json.dumps({"inbox": watched, "sources": acted}, sort_keys=True))
 
 
 def _day(context: ScheduleEvaluationContext) -> str:

@@ -103,8 +103,10 @@ class _Document:
     budget: int
 
     def windows(self, overlap: int) -> tuple[list[tuple[int, int]], list[str]]:
+        # A long title leaves a smaller body budget: the overlap never takes more than half of it, so each
+        # window moves on by at least half a window.
         spans = [(self.offsets[start][0], self.offsets[end - 1][1])
-                 for start, end in _windows(self.word_ids, self.budget, overlap)]
+                 for start, end in _windows(self.word_ids, self.budget, min(overlap, self.budget // 2))]
         return spans, [self.prefix + self.text[a:b] for a, b in spans]
 
 

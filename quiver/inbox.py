@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from upath import UPath
 
-from quiver.errors import QuiverError
+from quiver.errors import InputError, QuiverError
 from quiver.names import SOURCE_NAME
 from quiver.sources import detect_kind, source_fingerprint
 
@@ -92,8 +92,16 @@ def scan_inbox(directory: str, settle_seconds: float, now: float | None = None) 
             continue
         try:
             kind = detect_kind(str(entry))
-        except QuiverError:
-            continue  # not a kind of source (a stray file): neither a source nor a removal
+        except InputError as exc:
+            if exc.problem.startswith("cannot tell"):
+                continue  # not a kind of source (a stray file): neither a source nor a removal
+            scan.present.add(name)  # there, but not readable now (a broken link, a vanished mount below it)
+            scan.unreadable[name] = str(exc)
+            continue
+        except OSError as exc:
+            scan.present.add(name)
+            scan.unreadable[name] = f"{entry}: {exc}"
+            continue
         if kind == "stdlib":
             continue
         scan.present.add(name)

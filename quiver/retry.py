@@ -1,4 +1,4 @@
-"""Calls to services (Milvus, Redis, a database) that retry what may pass and fail fast on what will not.
+"""Calls to services (Milvus, Redis, a database, an object store): retry what may pass, fail fast on the rest.
 
 Transient: connection refused or reset, timeouts, a server unavailable or rate limiting. Retried with
 exponential backoff and full jitter (tenacity), a bounded number of times within a deadline. Anything
@@ -6,6 +6,7 @@ else, such as bad configuration, a schema mismatch or a refused request, is perm
 with a message that says it was not retried.
 """
 
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -52,13 +53,47 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+# OS errors that say "not now" rather than "never": what object-store clients (s3fs maps SlowDown and 503 to
+# EBUSY, 500 to EREMOTEIO) and network file systems raise for a service that may come back.
+_TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ECONNRESET,
+                               errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                               errno.ENETDOWN, errno.EPIPE, getattr(errno, "EREMOTEIO", errno.EIO)})
+_TRANSIENT_HTTP_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                                   "RequestLimitExceeded", "InternalError", "ServiceUnavailable",
+                                   "TooManyRequestsException"})
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status a client error carries (botocore's response, gcsfs's code), if any."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(status) if status else None
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) and 100 <= code < 600 else None
+
+
 def _transient_one(exc: BaseException) -> bool:
     if isinstance(exc, QuiverError):
         return False
     if isinstance(exc, ConnectionError | TimeoutError | socket.timeout):
         return True
+    if type(exc) in (OSError, IOError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
     module = type(exc).__module__
     name = type(exc).__name__
+    if module.startswith(("botocore", "aiobotocore", "s3fs")):
+        if name.endswith(("ConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                          "EndpointConnectionError", "IncompleteReadError", "ResponseStreamingError")):
+            return True
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "")
+        status = _http_status(exc)
+        return code in _TRANSIENT_HTTP_CODES or (status is not None and (status == 429 or status >= 500))
+    if module.startswith(("aiohttp", "urllib3", "requests", "gcsfs", "google")):
+        status = _http_status(exc)
+        if status is not None:
+            return status == 429 or status >= 500
+        return any(word in name for word in ("Connection", "Disconnected", "Timeout", "Connector"))
     if module.startswith("redis"):
         return name in ("ConnectionError", "TimeoutError", "BusyLoadingError", "TryAgainError")
     if module.startswith("pymilvus"):

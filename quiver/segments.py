@@ -8,6 +8,7 @@ are never read. Small segments (one per batch of misses) are merged once there a
 segments are evicted while the total passes `max_bytes`; one process at a time does that maintenance.
 """
 
+import logging
 import struct
 import threading
 import time
@@ -26,6 +27,7 @@ MAGIC_UNSORTED = b"QVSEG001"  # an earlier layout: keys in the order written
 MAGIC = b"QVSEG002"  # keys sorted, entries in key order
 HEADER = struct.Struct("<8sII")  # magic, dimension, count
 KEY = np.dtype("S32")
+_log = logging.getLogger("quiver.segments")
 
 
 @dataclass
@@ -158,7 +160,10 @@ class SegmentStore:
             due = (sum(s.count < self.small_segment_entries for s in self._segments.values()) >= self.merge_at_segments
                    or sum(s.size for s in self._segments.values()) > self.max_bytes)
         if due:
-            self.maintain()
+            try:
+                self.maintain()
+            except OSError as exc:  # another process merged or evicted the same segments meanwhile
+                _log.warning("embedding cache maintenance in %s skipped: %s", self.directory, exc)
         return len(unique)
 
     def _write(self, keys: Sequence[bytes], entries: Iterable[bytes]) -> str:
@@ -172,6 +177,13 @@ class SegmentStore:
             flush_to_disk(fh)
         atomic_replace(tmp, self.directory / name)
         return name
+
+    def distinct_keys(self) -> int:
+        """How many different texts the segments hold (a text may be in several segments)."""
+        self.refresh(force=True)
+        with self._lock:
+            keys = [s.keys for s in self._segments.values()]
+        return len(np.unique(np.concatenate(keys))) if keys else 0
 
     def total_bytes(self) -> int:
         with self._lock:

@@ -228,7 +228,11 @@ class EmbeddingCache(ConfigurableResource):
 
         l3_hits: list[int] = []
         if self.l3_enabled and pending:
-            by_position = self._segments(fingerprint, dimension).get_many([text_shas[i] for i in pending])
+            try:
+                by_position = self._segments(fingerprint, dimension).get_many([text_shas[i] for i in pending])
+            except (OSError, ValueError) as exc:  # a cache is never worth failing a step: a miss re-encodes
+                get_dagster_logger().warning(f"embedding cache disk level unreadable, treated as a miss: {exc}")
+                by_position = {}
             raws = [by_position.get(j) for j in range(len(pending))]
             pending, l3_hits, _ = _check_level("l3", pending, raws, text_shas, dimension, found, stats)
 
@@ -257,7 +261,11 @@ class EmbeddingCache(ConfigurableResource):
             self._redis_put(fingerprint, list(zip(text_shas, entries, strict=True)))
             stats.fills["l2"] += len(entries)
         if self.l3_enabled:
-            stats.fills["l3"] += self._segments(fingerprint, dimension).put_many(list(text_shas), entries)
+            try:
+                stats.fills["l3"] += self._segments(fingerprint, dimension).put_many(list(text_shas), entries)
+            except (OSError, ValueError) as exc:
+                get_dagster_logger().warning(f"embedding cache disk level not written ({exc}): the vectors are "
+                                             "still in the output, only a later run may encode them again")
 
     def _redis_put(self, fingerprint: str, items: list[tuple[bytes, bytes]]) -> None:
         def put(client: Any) -> None:

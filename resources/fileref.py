@@ -36,8 +36,9 @@ from quiver.atomic import (
     remove_stale_temporaries,
     write_text_atomic,
 )
-from quiver.errors import FileRefError
+from quiver.errors import FileRefError, QuiverError
 from quiver.names import check_source_name
+from quiver.retry import ServiceUnavailableError
 from quiver.settings import default_storage_root
 
 UNPARTITIONED = "__all__"
@@ -322,7 +323,9 @@ def _permanent_errors_fail_at_once() -> Iterator[None]:
     file right. (An object store that is down raises its own errors, which are retried.)"""
     try:
         yield
-    except (FileRefError, TypeError) as exc:
+    except (ServiceUnavailableError, Failure):
+        raise
+    except (QuiverError, TypeError, ValueError, KeyError) as exc:
         raise Failure(description=str(exc), allow_retries=False) from exc
 
 
@@ -394,8 +397,11 @@ class FileRefIOManager(ConfigurableIOManager):
         return refs
 
     def _load(self, asset: list[str], partition: str | None) -> FileRef:
-        ref = self.store.read_latest(asset, partition)
         where = "/".join(asset) + (f" partition {partition!r}" if partition else "")
+        try:
+            ref = self.store.read_latest(asset, partition)
+        except (QuiverError, ValueError, KeyError, TypeError) as exc:  # a bad key, a damaged pointer
+            raise FileRefError(f"{where}: no trustworthy output ({exc})") from exc
         if ref is None:
             raise FileRefError(f"{where} has not been materialized yet (no FileRef under {self.store.root})")
         return self.store.check(ref)

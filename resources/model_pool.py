@@ -55,21 +55,27 @@ def loads_in_this_process() -> int:
 def _weights_hash(path: str, files: tuple[tuple[str, int, float], ...]) -> str:
     digest = hashlib.sha256()
     for name, _size, _mtime in files:
+        digest.update(name.encode() + b"\x00")
         with open(os.path.join(path, name), "rb") as fh:
             while block := fh.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()
 
 
+# Files of a model directory that decide its vectors: weights, and the configuration of its modules
+# (tokenizer, pooling, normalization). READMEs and the like do not.
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".json", ".txt", ".model")
+
+
 def weights_hash(name_or_path: str) -> str:
-    """sha256 of a local model's weight files; a hub name stands for itself."""
+    """sha256 of the files of a local model that decide its vectors; a hub name stands for itself."""
     path = Path(name_or_path)
     if not path.is_dir():
         return hashlib.sha256(name_or_path.encode()).hexdigest()
     files = sorted(
-        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime)
+        (p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime)
         for p in path.rglob("*")
-        if p.suffix in (".safetensors", ".bin", ".pt", ".onnx") and p.is_file()
+        if p.suffix in _MODEL_SUFFIXES and p.is_file() and "__pycache__" not in p.parts
     )
     return _weights_hash(str(path), tuple(files))
 
@@ -217,8 +223,9 @@ class ModelPool(ConfigurableResource):
         return resolve_model(self.model)
 
     def fingerprint(self) -> str:
-        """What determines the vectors: weights, max length, normalization."""
-        parts = [self.model_path, weights_hash(self.model_path), str(self.max_seq_length), str(self.normalize)]
+        """What determines the vectors: weights (by content, wherever they lie: a moved environment keeps its
+        caches), max length, normalization."""
+        parts = [weights_hash(self.model_path), str(self.max_seq_length), str(self.normalize)]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

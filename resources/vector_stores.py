@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,6 +31,7 @@ from upath import UPath
 
 from quiver.atomic import atomic_replace, is_local, write_text_atomic
 from quiver.errors import ConfigError, QuiverError
+from quiver.hashing import KeyDigest
 from quiver.retry import RetrySettings, call_with_retries
 from quiver.settings import default_milvus_uri, default_storage_root, env_value, from_env
 from quiver.vector_index import IndexSettings, build_index, search_index
@@ -97,6 +98,12 @@ class FaissVersion:
                             for i, (score, vid) in enumerate(hits)])
             at += len(hits)
         return results
+
+
+def _started_at(draft: UPath) -> float:
+    """When a build began, from its version name (nanoseconds first); an unknown name counts as old."""
+    stamp = draft.name.removeprefix(".tmp-").split("-", 1)[0]
+    return int(stamp) / 1e9 if stamp.isdigit() else 0.0
 
 
 def _mtime(path: UPath) -> float:
@@ -173,8 +180,8 @@ class FaissStore(ConfigurableResource):
     keep_versions: int = Field(default=2, ge=1, description="Newest versions always kept.")
     retain_replaced_s: float = Field(default=600.0, ge=0, description="A version replaced less than this long "
                                      "ago is kept for the readers that opened it just before CURRENT moved.")
-    abandoned_draft_after_s: float = Field(default=3600.0, description="A temp version directory older than "
-                                           "this is a build that died, and is removed.")
+    abandoned_draft_after_s: float = Field(default=86400.0, description="A version directory without a manifest "
+                                           "started longer ago than this is a build that died, and is removed.")
 
     def settings(self) -> IndexSettings:
         return IndexSettings(
@@ -252,17 +259,32 @@ class FaissStore(ConfigurableResource):
         for entry in versions.iterdir():
             try:
                 draft = entry.name.startswith(".tmp-") or not (entry / "manifest.json").exists()
-                if draft and time.time() - _mtime(entry) > self.abandoned_draft_after_s:
+                if draft and time.time() - _started_at(entry) > self.abandoned_draft_after_s:
                     self._remove(entry)
             except OSError:
                 continue
+
+    @contextmanager
+    def _pointer_turn(self) -> Iterator[None]:
+        """One process at a time moves CURRENT and prunes (locally; an object store has no locks to offer)."""
+        if not _local(self.root):
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root.path) + "/.current.lock", thread_local=False):
+            yield
 
     def make_current(self, version: str) -> None:
         """Point CURRENT at a complete version (atomically), then prune versions no reader can still need."""
         if not self.has_version(version):
             raise QuiverError(f"FAISS index version {version} is incomplete or missing")
-        write_text_atomic(self.root / CURRENT_POINTER, version)
-        self._prune(keep=version)
+        with self._pointer_turn():
+            previous = self.current_version()
+            write_text_atomic(self.root / CURRENT_POINTER, version)
+            if previous and previous != version:  # when it stopped being current: its readers' grace starts
+                write_text_atomic(self.root / "retired" / previous, f"{time.time():.3f}")
+            (self.root / "retired" / version).unlink(missing_ok=True)
+            self._prune(keep=version)
 
     def current_version(self) -> str | None:
         pointer = self.root / CURRENT_POINTER
@@ -277,8 +299,8 @@ class FaissStore(ConfigurableResource):
                 raise QuiverError(f"no FAISS index under {self.directory}: materialize faiss_index first")
             try:
                 return self.open_version(version)
-            except FileNotFoundError:
-                if self.current_version() == version:
+            except (FileNotFoundError, RuntimeError):  # faiss.read_index raises RuntimeError for a missing file
+                if self.current_version() == version and self.has_version(version):
                     raise
         raise QuiverError(f"the FAISS index under {self.directory} changed three times while being opened")
 
@@ -310,15 +332,16 @@ class FaissStore(ConfigurableResource):
         with (self.version_dir(version) / "payload.parquet").open("rb") as fh:
             yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
 
-    def ids_of_sources(self, version: str, sources: set[str]) -> set[int]:
-        """Vector ids a version holds for the given sources, from its payload."""
+    def keys_of_sources(self, version: str, sources: set[str]) -> dict[int, str]:
+        """{vector id: vector key} a version holds for the given sources, from its payload."""
         if not sources:
-            return set()
+            return {}
         wanted = pa.array(sorted(sources), pa.string())
-        found: set[int] = set()
-        for batch in self.iter_payload(version, columns=["vector_id", "source"]):
-            found.update(batch.column("vector_id").filter(pc.is_in(batch.column("source"), value_set=wanted))
-                         .to_pylist())
+        found: dict[int, str] = {}
+        for batch in self.iter_payload(version, columns=["vector_id", "vector_key", "source"]):
+            batch = batch.filter(pc.is_in(batch.column("source"), value_set=wanted))
+            found.update(zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(),
+                             strict=True))
         return found
 
     def payload_keys(self, version: str) -> dict[int, str]:
@@ -330,16 +353,21 @@ class FaissStore(ConfigurableResource):
         return found
 
     def _prune(self, keep: str) -> None:
-        """Remove old versions, never the current one, the `keep_versions` newest, or one replaced less than
-        `retain_replaced_s` ago (a reader that opened it just before CURRENT moved is still reading it)."""
+        """Remove old versions, never the current one, the `keep_versions` newest, or one that stopped being
+        current less than `retain_replaced_s` ago (a reader that opened it just before CURRENT moved is still
+        reading it). Called with the pointer turn held."""
         versions = self.root / "versions"
         complete = sorted((d for d in versions.iterdir() if not d.name.startswith(".tmp-")
                            and (d / "manifest.json").exists()), key=lambda d: d.name)
-        now = time.time()
-        for position, old in enumerate(complete[:-self.keep_versions] if self.keep_versions else complete):
-            replaced_at = _mtime(complete[position + 1] / "manifest.json")
-            if old.name != keep and old.name != self.current_version() and now - replaced_at > self.retain_replaced_s:
+        current, now = self.current_version(), time.time()
+        for old in complete[:-self.keep_versions]:
+            if old.name in (keep, current):
+                continue
+            retired = self.root / "retired" / old.name
+            since = float(retired.read_text()) if retired.exists() else _mtime(old / "manifest.json")
+            if now - since > self.retain_replaced_s:
                 self._remove(old)
+                retired.unlink(missing_ok=True)
         pointers = self.root / "by_key"
         for pointer in pointers.iterdir() if pointers.exists() else ():
             if not pointer.name.startswith(".tmp-") and not self.has_version(pointer.read_text().strip()):
@@ -415,10 +443,14 @@ class MilvusStore(ConfigurableResource):
             return f"Milvus Lite database {self.uri} is held by another process ({lite_holder(self.uri)})"
         return None
 
-    def teardown_after_execution(self, context: InitResourceContext) -> None:
-        """A step's end releases the Milvus Lite database for the next process."""
+    def release(self) -> None:
+        """Give the Milvus Lite database back to the other processes (a server needs nothing)."""
         if self.is_lite:
             close_milvus_clients(self.uri)
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        """A step's end releases the Milvus Lite database for the next process, if nothing did before."""
+        self.release()
 
     def _connect(self) -> Any:
         from pymilvus import MilvusClient
@@ -472,6 +504,8 @@ class MilvusStore(ConfigurableResource):
     def _call(self, what: str, call: Callable[[Any], T]) -> T:
         """call(client), retried on transient errors (a reconnect before each new attempt); permanent errors
         fail at once."""
+        if self.is_lite:  # waiting for the turn is not part of the call's retry deadline
+            hold_lite(self.uri, wait=True, log=get_dagster_logger())
         return call_with_retries(f"Milvus {what} ({self.uri}, collection {self.collection!r})",
                                  lambda: call(self.client()), self.retry_settings(), on_retry=self._forget_client,
                                  log=get_dagster_logger())
@@ -577,11 +611,16 @@ class MilvusStore(ConfigurableResource):
         properties = described.get("properties") or {}
         return {k[len(EXACT_MARK):]: v for k, v in properties.items() if k.startswith(EXACT_MARK) and v}
 
-    def mark_exact(self, digests: Mapping[str, str]) -> None:
-        """Record that these sources now hold exactly the vectors with these digests."""
-        if digests:
-            self._call("mark exact", lambda c: c.alter_collection_properties(
-                self.collection, properties={f"{EXACT_MARK}{s}": d for s, d in digests.items()}))
+    def mark_exact(self, source: str, expected: str) -> bool:
+        """Mark a source exact if what the collection now holds of it is the expected set of (id, vector key)
+        pairs: the collection itself is read, so a mark never records what a writer only meant to write.
+        Returns whether it was marked."""
+        held = KeyDigest().update((vid, key) for vid, key, _ in self.key_rows(_source_filter(source))).hexdigest()
+        if held != expected:
+            return False
+        self._call("mark exact", lambda c: c.alter_collection_properties(
+            self.collection, properties={f"{EXACT_MARK}{source}": expected}))
+        return True
 
     def _unmark(self, sources: set[str] | None) -> None:
         """Before a write: the sources it touches (None: any) are no longer known to be exact. (Marks are
@@ -759,15 +798,17 @@ def hold_lite(uri: str, wait: bool, log: Any = None) -> bool:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             lock = _LITE_LOCKS[path] = FileLock(path, thread_local=False)
     started = time.monotonic()
+    timeout = 0.0
     while True:
         try:
-            lock.acquire(timeout=_WAIT_LOG_EVERY_S if wait else 0)
+            lock.acquire(timeout=timeout)
             break
         except Timeout:
             if not wait:
                 return False
             (log or _log).info(f"waiting for the Milvus Lite database {uri}: another process holds it "
                                f"({lite_holder(uri)}), {time.monotonic() - started:.0f}s so far")
+            timeout = _WAIT_LOG_EVERY_S
     command = " ".join(sys.argv)[:200]
     holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}: {command}"
     write_text_atomic(UPath(path + ".holder"), holder)

@@ -5,10 +5,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import faiss
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, materialize
 
 from platform_defs.definitions import ALL_ASSETS, ALL_CHECKS
 from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
+from quiver.hashing import vector_id, vector_key
 from tests.conftest import DATASETS
 
 SCIFACT = DATASETS / "scifact"
@@ -47,6 +49,43 @@ def metadata(result: ExecuteInProcessResult, asset: str) -> dict[str, Any]:
         if mat.asset_key == AssetKey(asset):
             return {k: v.value for k, v in mat.metadata.items()}
     raise AssertionError(f"{asset} was not materialized")
+
+
+def chunk_rows(resources: dict[str, Any], source: str) -> dict[int, tuple[str, str, str]]:
+    """{vector id: (doc id, chunk id, vector key)} the chunks asset says the source has now."""
+    store = resources["store"]
+    fingerprint = resources["model_pool"].fingerprint()
+    ref = store.read_latest(["chunks"], source)
+    table = store.read_table(ref, columns=["chunk_id", "doc_id", "chunk_hash", "text"])
+    return {vector_id(source, c): (d, c, vector_key(fingerprint, h))
+            for c, d, h in zip(*(table.column(n).to_pylist() for n in ("chunk_id", "doc_id", "chunk_hash")),
+                               strict=True)}
+
+
+def milvus_rows(resources: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    milvus = resources["milvus"]
+    rows = milvus.loaded_client().query(milvus.collection, filter="id >= 0",
+                                        output_fields=["id", "source", "doc_id", "vector_key", "vector"])
+    found = {int(r["id"]): r for r in rows}
+    assert len(found) == len(rows) == milvus.count(), "Milvus holds an id twice"
+    return found
+
+
+def assert_stores_exact(resources: dict[str, Any], docs: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Both stores hold one vector per current chunk, with the current content, and nothing else."""
+    expected: dict[int, tuple[str, str, str]] = {}
+    for source in docs:
+        expected.update(chunk_rows(resources, source))
+    milvus = milvus_rows(resources)
+    assert set(milvus) == set(expected)
+    assert {vid: r["vector_key"] for vid, r in milvus.items()} == {vid: e[2] for vid, e in expected.items()}
+    for source, source_docs in docs.items():  # what the test itself knows exists, independent of the pipeline
+        assert {r["doc_id"] for r in milvus.values() if r["source"] == source} == set(source_docs)
+    version = resources["faiss_store"].open_current()
+    faiss_ids = [int(v) for v in faiss.vector_to_array(version.index.id_map)]
+    assert sorted(faiss_ids) == sorted(expected)
+    assert dict(zip(version.payload.column("vector_id").to_pylist(), version.payload.column("vector_key").to_pylist(),
+                    strict=True)) == {vid: e[2] for vid, e in expected.items()}
 
 
 def scifact_docs(n: int, start: int = 0) -> list[dict[str, Any]]:

@@ -66,6 +66,8 @@ def test_no_chunk_exceeds_the_window_whatever_the_title(tokenizer) -> None:  # n
             assert title.startswith(prefix)  # the title is cut (between words), never rewritten
             assert len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) <= settings.max_title_tokens
         long_title = [c for c in chunks if c.doc_id == "d150"]
+        untitled = [c for c in chunks if c.doc_id == "d0"]
+        assert len(long_title) <= 3 * len(untitled)  # the overlap shrinks with the budget: never one token a step
         assert long_title[0].text.startswith("Heading0 Heading1")
         covered = "".join(body[c.start_char:c.end_char] for c in long_title)
         assert long_title[-1].end_char == len(body) and len(covered) >= len(body)  # the whole body is kept

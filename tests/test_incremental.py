@@ -17,12 +17,22 @@ import pytest
 from dagster import DagsterInstance
 
 from assets.embed_pipeline import PipelineSettings, embed_partition_vectors, embeddings_schema
-from quiver.hashing import vector_id, vector_key
 from resources.embedding_cache import CacheStats
 from resources.model_pool import ModelPool
 from resources.vector_stores import close_milvus_clients
 from tests.conftest import PROJECT
-from tests.helpers import add_source, check_results, index, ingest, metadata, scifact_docs, write_jsonl
+from tests.helpers import (
+    add_source,
+    assert_stores_exact,
+    check_results,
+    chunk_rows,
+    index,
+    ingest,
+    metadata,
+    milvus_rows,
+    scifact_docs,
+    write_jsonl,
+)
 
 SMALL_CHUNKS = {"ops": {"chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}}}
 CHECKS = ("faiss_index_matches_chunks", "milvus_collection_matches_chunks")
@@ -30,43 +40,6 @@ CHECKS = ("faiss_index_matches_chunks", "milvus_collection_matches_chunks")
 
 def _corpus(n: int, start: int = 0, chars: int = 450) -> list[dict[str, Any]]:
     return [{**d, "text": d["text"][:chars]} for d in scifact_docs(n, start)]
-
-
-def _chunk_rows(resources: dict[str, Any], source: str) -> dict[int, tuple[str, str, str]]:
-    """{vector id: (doc id, chunk id, vector key)} the chunks asset says the source has now."""
-    store = resources["store"]
-    fingerprint = resources["model_pool"].fingerprint()
-    ref = store.read_latest(["chunks"], source)
-    table = store.read_table(ref, columns=["chunk_id", "doc_id", "chunk_hash", "text"])
-    return {vector_id(source, c): (d, c, vector_key(fingerprint, h))
-            for c, d, h in zip(*(table.column(n).to_pylist() for n in ("chunk_id", "doc_id", "chunk_hash")),
-                               strict=True)}
-
-
-def _milvus_rows(resources: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    milvus = resources["milvus"]
-    rows = milvus.loaded_client().query(milvus.collection, filter="id >= 0",
-                                        output_fields=["id", "source", "doc_id", "vector_key", "vector"])
-    found = {int(r["id"]): r for r in rows}
-    assert len(found) == len(rows) == milvus.count(), "Milvus holds an id twice"
-    return found
-
-
-def _assert_exact(resources: dict[str, Any], docs: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Both stores hold one vector per current chunk, with the current content, and nothing else."""
-    expected: dict[int, tuple[str, str, str]] = {}
-    for source in docs:
-        expected.update(_chunk_rows(resources, source))
-    milvus = _milvus_rows(resources)
-    assert set(milvus) == set(expected)
-    assert {vid: r["vector_key"] for vid, r in milvus.items()} == {vid: e[2] for vid, e in expected.items()}
-    for source, source_docs in docs.items():  # what the test itself knows exists, independent of the pipeline
-        assert {r["doc_id"] for r in milvus.values() if r["source"] == source} == set(source_docs)
-    version = resources["faiss_store"].open_current()
-    faiss_ids = [int(v) for v in __import__("faiss").vector_to_array(version.index.id_map)]
-    assert sorted(faiss_ids) == sorted(expected)
-    assert dict(zip(version.payload.column("vector_id").to_pylist(), version.payload.column("vector_key").to_pylist(),
-                    strict=True)) == {vid: e[2] for vid, e in expected.items()}
 
 
 def test_random_edit_cycles_keep_faiss_and_milvus_exact(tmp_path: Path, instance: Any,
@@ -82,7 +55,7 @@ def test_random_edit_cycles_keep_faiss_and_milvus_exact(tmp_path: Path, instance
         write_jsonl(files[name], list(docs[name].values()))
         before = indexed.get(name, {})
         meta = metadata(ingest(instance, resources, name, run_config=SMALL_CHUNKS), "embeddings")
-        after = indexed[name] = _chunk_rows(resources, name)
+        after = indexed[name] = chunk_rows(resources, name)
         assert meta["milvus_deleted"] == len(set(before) - set(after)), name
         assert meta["milvus_upserted"] == sum(1 for vid, row in after.items() if before.get(vid) != row), name
         assert meta["milvus_upserted"] + meta["milvus_unchanged"] == meta["rows"] == len(after)
@@ -93,7 +66,7 @@ def test_random_edit_cycles_keep_faiss_and_milvus_exact(tmp_path: Path, instance
             "rebuild_after_fraction": 0.5}}}})
         checks = check_results(result)
         assert {name: checks[name].passed for name in CHECKS} == dict.fromkeys(CHECKS, True)
-        _assert_exact(resources, docs)
+        assert_stores_exact(resources, docs)
         return metadata(result, "faiss_index")
 
     for name in docs:
@@ -129,13 +102,13 @@ def test_random_edit_cycles_keep_faiss_and_milvus_exact(tmp_path: Path, instance
 
         # The stored vector of an edited document is the model's vector of its new text, in both stores.
         name, doc_id = changed_doc
-        chunk = next(row for row in _chunk_rows(resources, name).items() if row[1][1] == f"{doc_id}#0")
+        chunk = next(row for row in chunk_rows(resources, name).items() if row[1][1] == f"{doc_id}#0")
         text = resources["store"].read_table(resources["store"].read_latest(["chunks"], name),
                                              columns=["chunk_id", "text"]).to_pylist()
         chunk_text = next(r["text"] for r in text if r["chunk_id"] == f"{doc_id}#0")
         assert f"Revision {cycle}" in "".join(r["text"] for r in text if r["chunk_id"].startswith(f"{doc_id}#"))
         want = resources["model_pool"].encode([chunk_text])[0]
-        np.testing.assert_allclose(_milvus_rows(resources)[chunk[0]]["vector"], want, atol=1e-5)
+        np.testing.assert_allclose(milvus_rows(resources)[chunk[0]]["vector"], want, atol=1e-5)
         np.testing.assert_allclose(resources["faiss_store"].open_current().index.reconstruct(chunk[0]), want,
                                    atol=1e-5)
     assert modes[0] == "rebuild" and "incremental" in modes and modes.count("rebuild") >= 2
@@ -249,7 +222,7 @@ def test_step_killed_mid_insert_then_rerun_ends_exact(quiver_home: Path, tmp_pat
 
     resources = build_resources(resolve_env=True)
     held = resources["milvus"].existing_keys(source="big")
-    new_rows = _chunk_rows(resources, "big")
+    new_rows = chunk_rows(resources, "big")
     replaced = sum(1 for vid, row in new_rows.items() if held.get(vid) == row[2])
     assert 0 < replaced < len(new_rows), (replaced, len(new_rows))
     assert set(held) - set(new_rows), "the stale vectors were not deleted yet: the kill came mid-insert"
@@ -268,7 +241,7 @@ def test_step_killed_mid_insert_then_rerun_ends_exact(quiver_home: Path, tmp_pat
             record = inst.event_log_storage.get_latest_asset_check_execution_by_key(
                 [AssetCheckKey(AssetKey(asset), check)])[AssetCheckKey(AssetKey(asset), check)]
             assert record.evaluation.passed, check
-    _assert_exact(resources, {"big": {d["id"]: d for d in second}})
+    assert_stores_exact(resources, {"big": {d["id"]: d for d in second}})
 
 
 def test_encoder_error_stops_the_inserter_and_surfaces(tmp_path: Path, resources: dict[str, Any],
@@ -331,7 +304,7 @@ def test_async_and_sync_modes_write_identical_stores(
         stores[mode] = {
             "parquet_sha": res["store"].read_latest(["embeddings"], "same").sha256,
             "parquet": table.to_pylist(),
-            "milvus": sorted((vid, r["vector_key"], tuple(r["vector"])) for vid, r in _milvus_rows(res).items()),
+            "milvus": sorted((vid, r["vector_key"], tuple(r["vector"])) for vid, r in milvus_rows(res).items()),
             "faiss": res["faiss_store"].open_current().manifest["content_hash"],
         }
     assert stores["sync"]["parquet"] == stores["async"]["parquet"]  # vectors too, bit for bit
@@ -357,7 +330,7 @@ def test_an_interrupted_write_is_never_a_cache_hit_for_the_collection(tmp_path: 
     meta = metadata(result, "milvus_collection")
     assert meta["cache_hit"] is False and meta["synced_sources"] == ["marks"] and meta["upserted"] == 1
     assert check_results(result)["milvus_collection_matches_chunks"].passed
-    assert milvus.existing_keys()[victim] == _chunk_rows(resources, "marks")[victim][2]
+    assert milvus.existing_keys()[victim] == chunk_rows(resources, "marks")[victim][2]
     assert metadata(index(instance, resources), "milvus_collection")["cache_hit"] is True
 
 

@@ -264,6 +264,14 @@ def test_partition_keys_that_are_not_source_names_are_refused(instance: Any, res
     assert outside == []  # nothing was written anywhere but inside the home
     with pytest.raises(Exception, match="is not allowed"):
         resources["store"].asset_dir(["documents"], "../../escape")
+    # Nor do such keys block the indexes of the good sources.
+    add_source(instance, resources, "good", write_jsonl(quiver_home / "good.jsonl", scifact_docs(2)))
+    ingest(instance, resources, "good")
+    indexed = index(instance, resources)
+    skipped = metadata(indexed, "faiss_index")["skipped_sources"]
+    assert sorted(skipped) == sorted(["../../escape", "a/b", ".hidden"])
+    assert all("is not allowed" in why for why in skipped.values())
+    assert all(e.passed for e in check_results(indexed).values())
 
 
 def test_a_moved_home_keeps_every_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -279,10 +287,12 @@ def test_a_moved_home_keeps_every_reference(tmp_path: Path, monkeypatch: pytest.
     inbox.mkdir()
     write_jsonl(inbox / "papers.jsonl", scifact_docs(6))
 
-    def run_everything() -> dict[str, dict[str, Any]]:
+    def run_everything(first: bool) -> dict[str, dict[str, Any]]:
         resources = build_resources(resolve_env=True)
         with DagsterInstance.get() as instance:
-            add_source(instance, resources, "papers", inbox / "papers.jsonl")
+            if first:  # the second time, the source is found as registered, relative to the home
+                add_source(instance, resources, "papers", inbox / "papers.jsonl")
+            assert resources["sources"].get("papers").path == str(inbox / "papers.jsonl")
             meta = {a: metadata(r, a) for r in (ingest(instance, resources, "papers"),)
                     for a in ("documents", "chunks", "embeddings")}
             indexed = index(instance, resources)
@@ -291,11 +301,29 @@ def test_a_moved_home_keeps_every_reference(tmp_path: Path, monkeypatch: pytest.
         close_milvus_clients()
         return meta
 
-    run_everything()
+    run_everything(first=True)
     moved = tmp_path / "restored-elsewhere"
     shutil.move(str(quiver_home), str(moved))
     monkeypatch.setenv("DAGSTER_HOME", str(moved))
     inbox = moved / "inbox"
-    again = run_everything()
+    again = run_everything(first=False)
     assert {a: m["cache_hit"] for a, m in again.items()} == dict.fromkeys(again, True)
     assert again["embeddings"]["texts_encoded"] == 0
+
+
+def test_a_source_that_suddenly_reads_empty_is_refused_not_emptied(tmp_path: Path, instance: Any,
+                                                                   resources: dict[str, Any]) -> None:
+    notes = tmp_path / "mounted"
+    notes.mkdir()
+    (notes / "a.md").write_text("# A\n\nSome text about cells.", encoding="utf-8")
+    add_source(instance, resources, "mounted", notes)
+    ingest(instance, resources, "mounted")
+    before = resources["store"].read_latest(["documents"], "mounted")
+    (notes / "a.md").unlink()  # what a mount that vanished below the source directory looks like
+    result = ingest(instance, resources, "mounted", raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "no document read, where the last output had 1" in failure.step_failure_data.user_failure_data.description
+    assert resources["store"].read_latest(["documents"], "mounted") == before
+    emptied = ingest(instance, resources, "mounted", {"ops": {"documents": {"config": {"allow_empty": True}}}})
+    assert metadata(emptied, "documents")["rows"] == 0

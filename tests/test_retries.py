@@ -1,6 +1,7 @@
 """Transient service errors are retried with backoff, permanent ones fail at once; a failed run re-executed
 from its failure reuses finished steps, embeds nothing twice and inserts nothing twice."""
 
+import errno
 import json
 import logging
 import os
@@ -57,6 +58,25 @@ def test_errors_are_classified_on_real_failures() -> None:
         client.describe_collection("no_such_collection")
     assert not is_transient(missing.value)
     assert not is_transient(ValueError("schema mismatch"))
+    import s3fs
+
+    no_store = s3fs.S3FileSystem(key="k", secret="s", endpoint_url=f"http://127.0.0.1:{closed}",
+                                 config_kwargs={"retries": {"max_attempts": 1}})
+    with pytest.raises(Exception) as unreachable:  # noqa: B017 - botocore's EndpointConnectionError
+        no_store.ls("bucket")
+    assert is_transient(unreachable.value)
+    assert is_transient(OSError(errno.EBUSY, "Please reduce your request rate"))  # s3fs's SlowDown and 503
+    assert not is_transient(FileNotFoundError(errno.ENOENT, "no such key"))
+    assert not is_transient(PermissionError(errno.EACCES, "access denied"))
+
+
+def test_object_store_errors_are_classified_on_a_real_s3_server(s3_server: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="quiver", secret="quiver-secret", endpoint_url=s3_server)
+    with pytest.raises(FileNotFoundError) as missing:
+        fs.ls("no-such-bucket")
+    assert not is_transient(missing.value)
 
 
 def test_call_with_retries_backs_off_then_succeeds_or_gives_up() -> None:
@@ -158,9 +178,9 @@ def _step_failure_text(instance: Any, run_id: str) -> str:
 
 def _l3_entries(home: Path, fingerprint: str) -> int:
     directory = home / "artifacts" / "_embedding_cache" / fingerprint
-    segments = SegmentStore(__import__("upath").UPath(str(directory)), 384)
-    segments.refresh()
-    return len(segments._index)
+    from resources.embedding_cache import entry_size
+
+    return SegmentStore(__import__("upath").UPath(str(directory)), 384, entry_size(384)).distinct_keys()
 
 
 def test_reexecution_from_failure_reuses_steps_and_does_nothing_twice(
@@ -290,3 +310,39 @@ def test_a_step_whose_service_is_down_is_retried_by_its_retry_policy_and_bad_inp
     assert not bad.success and _step_starts(bad, "documents") == 1  # bad input: never retried
     failure = next(e for e in bad.all_events if e.is_step_failure)
     assert "late.jsonl:1: malformed JSON" in failure.step_failure_data.user_failure_data.description
+
+
+def test_processes_take_turns_on_a_milvus_lite_database(quiver_home: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A second process waits for its turn, saying who holds it, for as long as the first works."""
+    uri = str(tmp_path / "turns.db")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[2]);"
+        "from resources.vector_stores import MilvusStore, close_milvus_clients;"
+        "m = MilvusStore(uri=sys.argv[1], collection='turns'); m.ensure_collection(4); print('holding', flush=True);"
+        "time.sleep(4); close_milvus_clients()"), uri, str(PROJECT)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    store = MilvusStore(uri=uri, collection="turns")
+    assert store.busy_reason() is not None and "held by another process (pid" in store.busy_reason()
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO):
+        assert store.exists()  # waits for the holder to finish, then opens the database
+    waited = time.monotonic() - started
+    holder.wait(timeout=30)
+    assert 1 < waited < 30
+    assert any("waiting for the Milvus Lite database" in r.message and f"pid {holder.pid}" in r.message
+               for r in caplog.records)
+    close_milvus_clients()
+
+
+def test_a_wrong_dimension_fails_at_once_despite_the_retry_policy(quiver_home: Path, tmp_path: Path,
+                                                                  instance: Any, resources: dict[str, Any]) -> None:
+    from tests.helpers import ingest
+
+    resources["milvus"].ensure_collection(8)  # a collection of another model's vectors
+    close_milvus_clients()
+    add_source(instance, resources, "dims", write_jsonl(tmp_path / "dims.jsonl", scifact_docs(2)))
+    result = ingest(instance, resources, "dims", raise_on_error=False)
+    assert not result.success and _step_starts(result, "embeddings") == 1
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "holds 8-d vectors but the model gives 384-d" in failure.step_failure_data.user_failure_data.description

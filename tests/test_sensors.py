@@ -21,7 +21,7 @@ from dagster import (
 from platform_defs.sensors import evaluation_schedule, inbox_sensor, index_maintenance_schedule
 from resources.sources import Inbox
 from tests.conftest import PROJECT
-from tests.helpers import index, ingest, scifact_docs, write_jsonl
+from tests.helpers import assert_stores_exact, index, ingest, scifact_docs, write_jsonl
 
 NIGHT = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 
@@ -59,7 +59,7 @@ def test_inbox_add_change_burst_and_remove(tmp_path: Path, instance: Any, resour
     box.mkdir()
     inbox = Inbox(directory=str(box), settle_seconds=0)
     first = _tick(instance, resources, inbox, None)
-    assert first.run_requests == [] and json.loads(first.cursor) == {}
+    assert first.run_requests == [] and json.loads(first.cursor) == {"inbox": str(box), "sources": {}}
 
     docs = scifact_docs(12)
     write_jsonl(box / "alpha.jsonl", docs[:4])
@@ -116,7 +116,7 @@ def test_inbox_add_change_burst_and_remove(tmp_path: Path, instance: Any, resour
     assert drop.tags["quiver/inbox"] == "alpha"
     assert DeleteDynamicPartitionsRequest("sources", ["alpha"]) in removed.dynamic_partitions_requests
     assert "alpha" not in instance.get_dynamic_partitions("sources")
-    assert "alpha" not in json.loads(removed.cursor)
+    assert "alpha" not in json.loads(removed.cursor)["sources"]
     assert "alpha" not in {s.name for s in resources["sources"].all()}
     index(instance, resources)
     assert _sources_in_milvus(resources) == {"beta", "gamma", "delta", "epsilon"}
@@ -200,7 +200,7 @@ def test_a_vanished_inbox_removes_nothing_and_a_deleted_file_removes_only_its_so
         write_jsonl(box / f"{name}.jsonl", docs[i:i + 1])
     inbox = Inbox(directory=str(box), settle_seconds=0)
     added = _tick(instance, resources, inbox, None)
-    assert sorted(json.loads(added.cursor)) == ["alpha", "beta", "gamma"]
+    assert sorted(json.loads(added.cursor)["sources"]) == ["alpha", "beta", "gamma"]
 
     def unchanged_after(result: Any) -> None:
         from dagster import SkipReason
@@ -227,15 +227,35 @@ def test_a_vanished_inbox_removes_nothing_and_a_deleted_file_removes_only_its_so
     assert "is empty" in empty.skip_message
     box.rmdir()
 
-    # Back, with one file deleted: only that source goes.
+    # Pointed at another directory that exists (a mistyped QUIVER_INBOX): nothing is added or removed.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_jsonl(elsewhere / "stranger.jsonl", docs[:1])
+    mistyped = inbox_sensor(build_sensor_context(instance=instance, cursor=added.cursor, resources={
+        "inbox": Inbox(directory=str(elsewhere), settle_seconds=0), "sources": resources["sources"]}))
+    unchanged_after(mistyped)
+    assert "the inbox is now" in mistyped.skip_message
+
+    # Back, with one entry turned into a link whose target vanished (a mount below the inbox) and one file
+    # deleted: only the deleted one's source goes; the unreadable one is kept.
     (tmp_path / "inbox-away").rename(box)
+    (box / "gamma.jsonl").rename(tmp_path / "gamma-elsewhere.jsonl")
+    (box / "gamma.jsonl").symlink_to(tmp_path / "gone" / "gamma.jsonl")
     (box / "beta.jsonl").unlink()
     after = _tick(instance, resources, inbox, added.cursor)
-    assert sorted(json.loads(after.cursor)) == ["alpha", "gamma"]
+    assert sorted(json.loads(after.cursor)["sources"]) == ["alpha", "gamma"]
+    assert not [r for r in after.run_requests if r.job_name == "ingest_job"]
     assert [r.job_name for r in after.run_requests] == ["index_job"]
     assert after.dynamic_partitions_requests == [DeleteDynamicPartitionsRequest("sources", ["beta"])]
     assert sorted(s.name for s in resources["sources"].all()) == ["alpha", "gamma"]
     assert sorted(instance.get_dynamic_partitions("sources")) == ["alpha", "gamma"]
+
+    # Emptied on purpose, with the resource saying so: every source goes.
+    for entry in box.iterdir():
+        entry.unlink()
+    emptied = _tick(instance, resources, Inbox(directory=str(box), settle_seconds=0, remove_all_when_empty=True),
+                    after.cursor)
+    assert json.loads(emptied.cursor)["sources"] == {} and resources["sources"].all() == []
 
 
 def test_a_burst_of_inbox_files_through_a_real_daemon_ends_in_exact_stores(tmp_path: Path, quiver_home: Path,
@@ -262,19 +282,27 @@ def test_a_burst_of_inbox_files_through_a_real_daemon_ends_in_exact_stores(tmp_p
     try:
         deadline = time.monotonic() + 600
         while True:
-            runs = instance.get_runs()
-            ingests = [r for r in runs if r.job_name == "ingest_job"]
-            indexed = [r for r in runs if r.job_name != "ingest_job" and r.is_success]
-            if len(ingests) == 5 and indexed and all(r.is_finished for r in runs) and _checks(instance):
+            records = instance.get_run_records()
+            ingests = [r for r in records if r.dagster_run.job_name == "ingest_job"]
+            done = len(ingests) == 5 and all(r.dagster_run.is_finished for r in records)
+            last_ingest = max((r.end_time or 0 for r in ingests), default=0)
+            after = [r for r in records if r.dagster_run.job_name != "ingest_job" and r.dagster_run.is_success
+                     and (r.start_time or 0) >= last_ingest]
+            if done and after:  # an index run that began once every source was ingested
                 break
-            assert time.monotonic() < deadline, [(r.job_name, r.status) for r in runs]
+            assert time.monotonic() < deadline, [(r.dagster_run.job_name, r.dagster_run.status) for r in records]
             time.sleep(1)
     finally:
         os.killpg(daemon.pid, signal.SIGKILL)
         daemon.wait()
-    assert all(r.is_success for r in ingests), [(r.run_id, r.status) for r in ingests]
-    assert sorted(r.tags["dagster/partition"] for r in ingests) == [f"burst{i}" for i in range(5)]
+    assert all(r.dagster_run.is_success for r in ingests), [(r.dagster_run.run_id, r.dagster_run.status)
+                                                             for r in ingests]
+    assert sorted(r.dagster_run.tags["dagster/partition"] for r in ingests) == [f"burst{i}" for i in range(5)]
     assert _checks(instance) == {"faiss_index_matches_chunks": True, "milvus_collection_matches_chunks": True}
+    from platform_defs.resources import build_resources
+
+    assert_stores_exact(build_resources(resolve_env=True), {
+        f"burst{i}": {d["id"]: d for d in docs[3 * i:3 * i + 3]} for i in range(5)})
 
 
 def _checks(instance: Any) -> dict[str, bool]:
