@@ -10,11 +10,11 @@ from pydantic import Field
 
 from assets.common import (
     PartitionResult,
+    cached_partition,
     partitioned_output,
     partitions_in_run,
     refs_by_partition,
     source_stage,
-    stage_cache_key,
 )
 from quiver.chunking import Chunk, ChunkSettings, chunk_documents
 from quiver.errors import ConfigError
@@ -67,31 +67,28 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
                     store: FileStore, model_pool: ModelPool, sources: SourceRegistry) -> PartitionResult:
     window = model_pool.window_tokens()
     settings = config.settings(sources.get(partition).chunking, window)
-    key = stage_cache_key(context, partition, {"documents": documents.sha256},
-                          {**asdict(settings), "tokenizer": model_pool.fingerprint()})
-    cached = None if config.force else store.cached_fileref(["chunks"], partition, key)
-    if cached is not None:
-        context.log.info(f"chunks[{partition}]: cache hit {key}")
-        return PartitionResult(cached, True, key)
-    tokenizer = model_pool.tokenizer()
-    tokens = 0
-    over_window = 0
-    with store.parquet_writer(["chunks"], partition, CHUNKS_SCHEMA) as writer:
-        for batch in store.iter_batches(documents, DOCS_PER_BATCH, columns=["doc_id", "title", "text"]):
-            docs = list(zip(*(batch.column(c).to_pylist() for c in ("doc_id", "title", "text")), strict=True))
-            produced = chunk_documents(tokenizer, docs, settings)
-            tokens += sum(c.n_tokens for c in produced)
-            over_window += sum(c.n_tokens > window for c in produced)
-            writer.write_batch(chunks_to_batch(produced))
-    assert writer.ref is not None
-    store.remember_fileref(["chunks"], partition, key, writer.ref)
-    context.log.info(f"chunks[{partition}]: {documents.rows} documents -> {writer.ref.rows} chunks")
-    return PartitionResult(writer.ref, False, key, {
-        "documents": documents.rows, "chunks": writer.ref.rows, "tokens": tokens, "strategy": settings.strategy,
-        "chunk_tokens": settings.chunk_tokens, "overlap_tokens": settings.overlap_tokens,
-        # whole_document: these documents are cut by the model at its window
-        "chunks_longer_than_model_window": over_window, "model_window_tokens": window,
-    })
+
+    def compute() -> tuple[FileRef, dict[str, Any]]:
+        tokenizer = model_pool.tokenizer()
+        tokens = over_window = 0
+        with store.parquet_writer(["chunks"], partition, CHUNKS_SCHEMA) as writer:
+            for batch in store.iter_batches(documents, DOCS_PER_BATCH, columns=["doc_id", "title", "text"]):
+                docs = list(zip(*(batch.column(c).to_pylist() for c in ("doc_id", "title", "text")), strict=True))
+                produced = chunk_documents(tokenizer, docs, settings)
+                tokens += sum(c.n_tokens for c in produced)
+                over_window += sum(c.n_tokens > window for c in produced)
+                writer.write_batch(chunks_to_batch(produced))
+        assert writer.ref is not None
+        context.log.info(f"chunks[{partition}]: {documents.rows} documents -> {writer.ref.rows} chunks")
+        return writer.ref, {
+            "documents": documents.rows, "chunks": writer.ref.rows, "tokens": tokens, "strategy": settings.strategy,
+            "chunk_tokens": settings.chunk_tokens, "overlap_tokens": settings.overlap_tokens,
+            # whole_document: these documents are cut by the model at its window
+            "chunks_longer_than_model_window": over_window, "model_window_tokens": window,
+        }
+
+    return cached_partition(context, store, partition, {"documents": documents.sha256},
+                            {**asdict(settings), "tokenizer": model_pool.fingerprint()}, config.force, compute)
 
 
 @source_stage(

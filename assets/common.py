@@ -36,7 +36,7 @@ from quiver.hashing import sha256_json
 from quiver.memory import MEMORY_TAG, pool_name
 from quiver.names import check_source_name
 from quiver.retry import ServiceUnavailableError, is_transient
-from resources.fileref import FileRef
+from resources.fileref import FileRef, FileStore
 
 # Output(data_version=...) is how a materialization carries its content hash; it is beta in 1.13.
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -193,6 +193,23 @@ class PartitionResult:
     cache_hit: bool
     cache_key: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def cached_partition(context: AssetExecutionContext, store: FileStore, partition: str, inputs: Mapping[str, Any],
+                     config: Mapping[str, Any], force: bool, compute: Callable[[], tuple[FileRef, dict[str, Any]]],
+                     hit_metadata: Mapping[str, Any] | None = None) -> PartitionResult:
+    """A source stage's output for one partition: the remembered output of the same cache key (code version,
+    upstream hashes, config, partition) when it is still intact, else `compute()`'s (FileRef, metadata),
+    remembered under the key once written."""
+    asset = context.asset_key.path
+    key = stage_cache_key(context, partition, inputs, config)
+    cached = None if force else store.cached_fileref(asset, partition, key)
+    if cached is not None:
+        context.log.info(f"{'/'.join(asset)}[{partition}]: cache hit {key}, reusing {cached.path}")
+        return PartitionResult(cached, True, key, dict(hit_metadata or {}))
+    ref, metadata = compute()
+    store.remember_fileref(asset, partition, key, ref)
+    return PartitionResult(ref, False, key, metadata)
 
 
 def partitioned_output(started: float, results: Mapping[str, PartitionResult],

@@ -10,14 +10,14 @@ from pydantic import Field
 
 from assets.common import (
     PartitionResult,
+    cached_partition,
     partitioned_output,
     partitions_in_run,
     source_stage,
-    stage_cache_key,
 )
 from quiver.errors import InputError
 from quiver.sources import Document, ReadReport, read_documents, source_fingerprint
-from resources.fileref import FileStore
+from resources.fileref import FileRef, FileStore
 from resources.sources import SourceRegistry
 
 ROWS_PER_BATCH = 2048
@@ -65,33 +65,32 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
                    sources: SourceRegistry) -> PartitionResult:
     spec = sources.get(partition)
     fingerprint = source_fingerprint(spec.kind, spec.path)
-    key = stage_cache_key(context, partition, {"source": fingerprint},
-                          {"kind": spec.kind, "path": spec.identity, "on_bad_record": config.on_bad_record})
-    cached = None if config.force else store.cached_fileref(["documents"], partition, key)
-    if cached is not None:
-        context.log.info(f"documents[{partition}]: cache hit {key}, reusing {cached.path}")
-        return PartitionResult(cached, True, key, {"source": spec.path})
-    report = ReadReport()
-    previous = store.read_latest(["documents"], partition)
-    try:
-        with store.parquet_writer(["documents"], partition, DOCUMENTS_SCHEMA) as writer:
-            for batch in document_batches(read_documents(spec.kind, spec.path, config.on_bad_record, report)):
-                writer.write_batch(batch)
-            if writer.rows == 0 and previous is not None and previous.rows > 0 and not config.allow_empty:
-                raise InputError(spec.path, f"no document read, where the last output had {previous.rows}: is a "
-                                            "mount missing? (set allow_empty to accept an empty source)")
-    except InputError as exc:
-        # Nothing was written: the partition's last good output stays the one downstream reads.
-        raise Failure(description=f"bad input in source {partition!r}: {exc}",
-                      metadata={"location": exc.location, "problem": exc.problem}, allow_retries=False) from exc
-    assert writer.ref is not None
-    store.remember_fileref(["documents"], partition, key, writer.ref)
-    context.log.info(f"documents[{partition}]: {writer.ref.rows} documents from {spec.kind} source {spec.path}")
-    return PartitionResult(writer.ref, False, key, {
-        "source": spec.path, "source_kind": spec.kind, "documents": writer.ref.rows,
-        "empty_dropped": report.empty_dropped, "bad_records": len(report.bad_records),
-        "bad_record_examples": MetadataValue.json(report.bad_records[:20]),
-    })
+
+    def compute() -> tuple[FileRef, dict[str, Any]]:
+        report = ReadReport()
+        previous = store.read_latest(["documents"], partition)
+        try:
+            with store.parquet_writer(["documents"], partition, DOCUMENTS_SCHEMA) as writer:
+                for batch in document_batches(read_documents(spec.kind, spec.path, config.on_bad_record, report)):
+                    writer.write_batch(batch)
+                if writer.rows == 0 and previous is not None and previous.rows > 0 and not config.allow_empty:
+                    raise InputError(spec.path, f"no document read, where the last output had {previous.rows}: "
+                                                "is a mount missing? (set allow_empty to accept an empty source)")
+        except InputError as exc:
+            # Nothing was written: the partition's last good output stays the one downstream reads.
+            raise Failure(description=f"bad input in source {partition!r}: {exc}", allow_retries=False,
+                          metadata={"location": exc.location, "problem": exc.problem}) from exc
+        assert writer.ref is not None
+        context.log.info(f"documents[{partition}]: {writer.ref.rows} documents from {spec.kind} source {spec.path}")
+        return writer.ref, {
+            "source": spec.path, "source_kind": spec.kind, "documents": writer.ref.rows,
+            "empty_dropped": report.empty_dropped, "bad_records": len(report.bad_records),
+            "bad_record_examples": MetadataValue.json(report.bad_records[:20]),
+        }
+
+    return cached_partition(context, store, partition, {"source": fingerprint},
+                            {"kind": spec.kind, "path": spec.identity, "on_bad_record": config.on_bad_record},
+                            config.force, compute, hit_metadata={"source": spec.path})
 
 
 @source_stage(

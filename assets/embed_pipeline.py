@@ -22,46 +22,14 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from quiver.hashing import KeyDigest, vector_id, vector_key
+from quiver.encoding import TokenizedBatch
+from quiver.hashing import KeyDigest
 from quiver.stages import PipelineReport, Stage, run_stages
+from quiver.vectors import embeddings_batch, request_batches, row_bytes, rows_for_milvus
 from resources.embedding_cache import CachedTexts, CacheStats, EmbeddingCache, look_up_texts, store_encoded
 from resources.fileref import ParquetFileWriter
-from resources.model_pool import ModelPool, TokenizedBatch
-from resources.vector_stores import MilvusStore, request_batches, row_bytes, rows_for_milvus
-
-CHUNK_COLUMNS = ["chunk_id", "doc_id", "title", "text", "chunk_hash"]
-
-
-def embeddings_schema(dimension: int) -> pa.Schema:
-    return pa.schema([
-        ("vector_id", pa.int64()),
-        ("chunk_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("title", pa.string()),
-        ("text", pa.string()),
-        ("chunk_hash", pa.string()),
-        ("vector_key", pa.string()),
-        ("vector", pa.list_(pa.float32(), dimension)),
-    ])
-
-
-def embeddings_batch(chunk_batch: pa.RecordBatch, vectors: np.ndarray, source: str, fingerprint: str,
-                     schema: pa.Schema) -> pa.RecordBatch:
-    chunk_ids = chunk_batch.column("chunk_id").to_pylist()
-    hashes = chunk_batch.column("chunk_hash").to_pylist()
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    return pa.RecordBatch.from_arrays([
-        pa.array([vector_id(source, c) for c in chunk_ids], pa.int64()),
-        chunk_batch.column("chunk_id"),
-        chunk_batch.column("doc_id"),
-        pa.array([source] * len(chunk_ids), pa.string()),
-        chunk_batch.column("title"),
-        chunk_batch.column("text"),
-        chunk_batch.column("chunk_hash"),
-        pa.array([vector_key(fingerprint, h) for h in hashes], pa.string()),
-        pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
-    ], schema=schema)
+from resources.milvus_store import MilvusStore
+from resources.model_pool import ModelPool
 
 
 @dataclass(frozen=True)

@@ -9,23 +9,23 @@ from pydantic import Field
 
 from assets.common import (
     PartitionResult,
+    cached_partition,
     partitioned_output,
     partitions_in_run,
     refs_by_partition,
     source_stage,
-    stage_cache_key,
 )
 from assets.embed_pipeline import (
-    CHUNK_COLUMNS,
     PartitionVectors,
     PipelineSettings,
     embed_partition_vectors,
-    embeddings_schema,
 )
+from quiver.encoding import metrics_metadata
+from quiver.vectors import CHUNK_COLUMNS, embeddings_schema
 from resources.embedding_cache import CacheStats, EmbeddingCache
 from resources.fileref import FileRef, FileStore
-from resources.model_pool import ModelPool, loads_in_this_process, metrics_metadata
-from resources.vector_stores import MilvusStore
+from resources.milvus_store import MilvusStore
+from resources.model_pool import ModelPool, loads_in_this_process
 
 
 class EmbeddingsConfig(Config):
@@ -53,28 +53,23 @@ class EmbeddingsConfig(Config):
 def embed_partition(context: AssetExecutionContext, partition: str, chunks: FileRef, config: EmbeddingsConfig,
                     store: FileStore, model_pool: ModelPool, cache: EmbeddingCache, milvus: MilvusStore,
                     stats: CacheStats) -> PartitionResult:
-    fingerprint = model_pool.fingerprint()
-    key = stage_cache_key(context, partition, {"chunks": chunks.sha256},
-                          {"model": fingerprint, "source": partition})
-    cached = None if config.force else store.cached_fileref(["embeddings"], partition, key)
-    if cached is not None:
-        context.log.info(f"embeddings[{partition}]: cache hit {key}, 0 texts encoded")
-        return PartitionResult(cached, True, key)
-
     def progress(done: int, so_far: PartitionVectors) -> None:
         context.log.info(f"embeddings[{partition}]: {done}/{chunks.rows} chunks, "
                          f"{so_far.upserted} vectors upserted into Milvus")
 
-    with store.parquet_writer(["embeddings"], partition, embeddings_schema(model_pool.dimension())) as writer:
-        result = embed_partition_vectors(
-            store.iter_batches(chunks, config.texts_per_batch, columns=CHUNK_COLUMNS), partition, chunks.rows,
-            pool=model_pool, cache=cache, stats=stats, writer=writer,
-            milvus=milvus if config.write_milvus else None, settings=config.pipeline(), on_progress=progress)
-    assert writer.ref is not None
-    store.remember_fileref(["embeddings"], partition, key, writer.ref)
-    context.log.info(f"embeddings[{partition}]: {result.rows} chunks; Milvus: {result.upserted} upserted, "
-                     f"{result.deleted} deleted, {result.unchanged} unchanged ({config.mode})")
-    return PartitionResult(writer.ref, False, key, {"chunks": chunks.rows, **result.as_metadata()})
+    def compute() -> tuple[FileRef, dict[str, Any]]:
+        with store.parquet_writer(["embeddings"], partition, embeddings_schema(model_pool.dimension())) as writer:
+            result = embed_partition_vectors(
+                store.iter_batches(chunks, config.texts_per_batch, columns=CHUNK_COLUMNS), partition, chunks.rows,
+                pool=model_pool, cache=cache, stats=stats, writer=writer,
+                milvus=milvus if config.write_milvus else None, settings=config.pipeline(), on_progress=progress)
+        assert writer.ref is not None
+        context.log.info(f"embeddings[{partition}]: {result.rows} chunks; Milvus: {result.upserted} upserted, "
+                         f"{result.deleted} deleted, {result.unchanged} unchanged ({config.mode})")
+        return writer.ref, {"chunks": chunks.rows, **result.as_metadata()}
+
+    return cached_partition(context, store, partition, {"chunks": chunks.sha256},
+                            {"model": model_pool.fingerprint(), "source": partition}, config.force, compute)
 
 
 @source_stage(

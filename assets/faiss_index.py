@@ -16,42 +16,35 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from dagster import (
-    AssetCheckResult,
     AssetExecutionContext,
-    AssetIn,
-    AutomationCondition,
     Config,
     DataVersion,
     MaterializeResult,
     MetadataValue,
-    asset,
-    asset_check,
 )
 from pydantic import Field
 
 from assets.common import (
-    fail_fast_unless_transient,
-    memory_class,
     run_metadata,
     stage_cache_key,
 )
 from assets.indexes_common import (
+    HeldVectors,
     IndexDiff,
-    compared_sources,
     content_hash,
     diff_index,
     embedding_dimension,
-    expected_vectors,
+    index_stage,
     iter_rows,
     partitions_hashes,
-    reconcile,
+    reconciliation_check,
     skipped_metadata,
-    vectors_of,
 )
 from quiver.vector_index import IndexSettings, choose_index_type, empty_index, supports_removal, vectors_by_id
-from resources.fileref import SKIP_MISSING_PARTITIONS, FileRef, FileStore, PartitionRefs
-from resources.model_pool import ModelPool
-from resources.vector_stores import FaissDraft, FaissStore
+from quiver.vectors import vectors_of, with_vectors
+from resources.faiss_store import FaissDraft, FaissStore
+from resources.fileref import FileRef, FileStore
+from resources.fileref_io import PartitionRefs
 
 
 class FaissIndexConfig(Config):
@@ -80,9 +73,7 @@ def carried_rows(faiss_store: FaissStore, current: str | None, ids: set[int]) ->
     for batch in faiss_store.iter_payload(current):
         batch = batch.filter(pc.is_in(batch.column("vector_id"), value_set=wanted))
         if batch.num_rows:
-            vectors = vectors_by_id(index, batch.column("vector_id").to_numpy())
-            flat = pa.array(vectors.reshape(-1), pa.float32())
-            yield batch.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+            yield with_vectors(batch, vectors_by_id(index, batch.column("vector_id").to_numpy()))
 
 
 def rebuild_version(draft: FaissDraft, store: FileStore, embeddings: Mapping[str, FileRef], diff: IndexDiff,
@@ -130,17 +121,8 @@ def can_update(manifest: dict[str, Any], settings: IndexSettings, dimension: int
             and changes <= config.rebuild_after_fraction * max(len(diff.desired), 1))
 
 
-@asset(
-    ins={"embeddings": AssetIn(metadata={SKIP_MISSING_PARTITIONS: True})},
-    # After sources are (re)ingested, by the inbox sensor or anyone, the automation daemon brings the index up
-    # to date once no source is still being ingested.
-    automation_condition=AutomationCondition.eager(),
-    group_name="index",
-    kinds={"faiss"},
-    **memory_class("io"),
-    description="FAISS index (exact inner product by default; IVF/HNSW by config or size) plus its id map.",
-)
-@fail_fast_unless_transient
+@index_stage(kinds={"faiss"},
+             description="FAISS index (exact inner product by default; IVF/HNSW by config or size) plus its id map.")
 def faiss_index(
     context: AssetExecutionContext, config: FaissIndexConfig, embeddings: PartitionRefs, store: FileStore,
     faiss_store: FaissStore,
@@ -202,20 +184,13 @@ def faiss_index(
     )
 
 
-@asset_check(asset=faiss_index, blocking=True,
-             additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True}),
-                             "embeddings": AssetIn("embeddings", metadata={SKIP_MISSING_PARTITIONS: True})},
-             **memory_class("io"),
-             description="The current FAISS version holds exactly one vector per current chunk: none missing, "
-                         "none stale or out of date, none twice.")
-@fail_fast_unless_transient
-def faiss_index_matches_chunks(chunks: PartitionRefs, embeddings: PartitionRefs, store: FileStore,
-                               faiss_store: FaissStore, model_pool: ModelPool) -> AssetCheckResult:
-    compared, skipped = compared_sources(chunks, embeddings)
-    expected = expected_vectors(store, compared, model_pool.fingerprint())
+def _faiss_held(faiss_store: FaissStore, skipped: set[str]) -> HeldVectors:
     current = faiss_store.current_version()
-    protected = set(faiss_store.keys_of_sources(current, set(skipped))) if current else set()
-    found = reconcile("FAISS", expected, faiss_store.held_vectors(current) if current else (), protected)
-    found.skipped = skipped
-    return AssetCheckResult(passed=found.exact, description=found.describe(),
-                            metadata={**found.metadata(), "version": current or ""})
+    if current is None:
+        return HeldVectors((), set(), metadata={"version": ""})
+    return HeldVectors(faiss_store.held_vectors(current), set(faiss_store.keys_of_sources(current, skipped)),
+                       metadata={"version": current})
+
+
+faiss_index_matches_chunks = reconciliation_check(faiss_index, "faiss_index_matches_chunks", "FAISS", "faiss_store",
+                                                  _faiss_held)

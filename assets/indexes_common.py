@@ -2,21 +2,31 @@
 index holds and what it should hold (one vector per current chunk, under the chunk's vector id)."""
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from dagster import MetadataValue
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetIn,
+    AssetsDefinition,
+    AutomationCondition,
+    MetadataValue,
+    asset,
+    asset_check,
+)
 
+from assets.common import fail_fast_unless_transient, memory_class
 from quiver.errors import QuiverError
 from quiver.hashing import KeyDigest, vector_id, vector_key
-from resources.fileref import FileRef, FileStore, PartitionRefs
-
-KEY_COLUMNS = ["vector_id", "vector_key"]
+from quiver.vectors import KEY_COLUMNS
+from resources.fileref import FileRef, FileStore
+from resources.fileref_io import SKIP_MISSING_PARTITIONS, PartitionRefs
 
 
 def partitions_hashes(embeddings: Mapping[str, FileRef]) -> dict[str, str]:
@@ -47,13 +57,6 @@ def partition_digest(store: FileStore, ref: FileRef) -> str:
         digest.update(zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(), strict=True))
     store.cache_put(["_digests"], None, ref.sha256, {"digest": digest.hexdigest()})
     return digest.hexdigest()
-
-
-def vectors_of(batch: pa.RecordBatch) -> np.ndarray:
-    column = batch.column("vector")
-    dim = column.type.list_size
-    return np.ascontiguousarray(column.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim),
-                                dtype=np.float32)
 
 
 def content_hash(keys_by_id: Mapping[int, str]) -> str:
@@ -206,3 +209,55 @@ def reconcile(store_name: str, expected: Mapping[int, str], held: Iterable[tuple
             result.wrong.append(vid)
     result.missing = [vid for vid in expected if vid not in seen]
     return result
+
+
+def index_stage(*, kinds: set[str], description: str) -> Callable[[Callable[..., Any]], AssetsDefinition]:
+    """@asset for an index over every source: it reads each source's embeddings that have a good output (the
+    others are skipped and named), and the automation daemon runs it, once no source is still being ingested,
+    after sources were (re)ingested by the inbox sensor or anyone."""
+
+    def decorate(fn: Callable[..., Any]) -> AssetsDefinition:
+        return asset(ins={"embeddings": AssetIn(metadata={SKIP_MISSING_PARTITIONS: True})},
+                     automation_condition=AutomationCondition.eager(), group_name="index", kinds=kinds,
+                     description=description, **memory_class("io"))(fail_fast_unless_transient(fn))
+
+    return decorate
+
+
+@dataclass
+class HeldVectors:
+    """What a store holds, as its reconciliation check reads it."""
+
+    pairs: Iterable[tuple[int, str | None]]  # (vector id, vector key) of every vector held
+    protected: set[int]  # held for sources skipped for want of a good output
+    count: int | None = None  # what the store says it holds, when a listing can collapse doubled rows
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def reconciliation_check(asset_def: AssetsDefinition, name: str, store_name: str, resource_key: str,
+                         held: Callable[[Any, set[str]], HeldVectors]) -> AssetChecksDefinition:
+    """The blocking check that a store holds exactly one vector per current chunk of every source the index
+    could take: none missing, none stale or out of date, none twice. `held(store resource, skipped sources)`
+    reads the store."""
+
+    @asset_check(asset=asset_def, name=name, blocking=True,
+                 required_resource_keys={"store", "model_pool", resource_key},
+                 additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True}),
+                                 "embeddings": AssetIn("embeddings", metadata={SKIP_MISSING_PARTITIONS: True})},
+                 description=f"The {store_name} store holds exactly one vector per current chunk: none missing, "
+                             "none stale or out of date, none twice.", **memory_class("io"))
+    @fail_fast_unless_transient
+    def check(context: AssetCheckExecutionContext, chunks: PartitionRefs,
+              embeddings: PartitionRefs) -> AssetCheckResult:
+        resources = context.resources
+        compared, skipped = compared_sources(chunks, embeddings)
+        expected = expected_vectors(resources.store, compared, resources.model_pool.fingerprint())
+        found_held = held(getattr(resources, resource_key), set(skipped))
+        found = reconcile(store_name, expected, found_held.pairs, found_held.protected)
+        found.skipped = skipped
+        if found_held.count is not None:  # rows a listing collapsed (one id stored twice) still count
+            found.duplicates += max(0, found_held.count - found.left_as_they_are - found.held)
+        return AssetCheckResult(passed=found.exact, description=found.describe(),
+                                metadata={**found.metadata(), **found_held.metadata})
+
+    return check

@@ -5,34 +5,31 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dagster import (
-    AssetCheckResult,
     AssetExecutionContext,
-    AssetIn,
-    AutomationCondition,
     Config,
     DataVersion,
     MaterializeResult,
     MetadataValue,
-    asset,
-    asset_check,
 )
 from pydantic import Field
 
-from assets.common import fail_fast_unless_transient, memory_class, run_metadata
+from assets.common import run_metadata
 from assets.indexes_common import (
-    compared_sources,
+    HeldVectors,
     diff_index,
     embedding_dimension,
-    expected_vectors,
+    index_stage,
     iter_rows,
     partition_digest,
-    reconcile,
+    reconciliation_check,
     skipped_metadata,
 )
 from quiver.hashing import sha256_json
-from resources.fileref import SKIP_MISSING_PARTITIONS, FileRef, FileStore, PartitionRefs
+from quiver.vectors import rows_for_milvus
+from resources.fileref import FileRef, FileStore
+from resources.fileref_io import PartitionRefs
+from resources.milvus_store import MilvusStore
 from resources.model_pool import ModelPool
-from resources.vector_stores import MilvusStore, rows_for_milvus
 
 
 class MilvusCollectionConfig(Config):
@@ -82,19 +79,11 @@ def sync_collection(milvus: MilvusStore, store: FileStore, embeddings: Partition
     return report
 
 
-@asset(
-    ins={"embeddings": AssetIn(metadata={SKIP_MISSING_PARTITIONS: True})},
-    # After sources are (re)ingested, by the inbox sensor or anyone, the automation daemon brings the index up
-    # to date once no source is still being ingested.
-    automation_condition=AutomationCondition.eager(),
-    group_name="index",
-    kinds={"milvus"},
-    **memory_class("io"),
-    description="Milvus collection (Milvus Lite by default) holding exactly one vector per current chunk. Each "
-                "source carries an exact mark (a digest of its ids and vector keys) that every write clears and "
-                "a completed sync sets: a source whose mark matches its embeddings is not listed again.",
-)
-@fail_fast_unless_transient
+@index_stage(kinds={"milvus"},
+             description="Milvus collection (Milvus Lite by default) holding exactly one vector per current chunk. "
+                         "Each source carries an exact mark (a digest of its ids and vector keys) that every write "
+                         "clears and a completed sync sets: a source whose mark matches its embeddings is not "
+                         "listed again.")
 def milvus_collection(
     context: AssetExecutionContext, config: MilvusCollectionConfig, embeddings: PartitionRefs,
     store: FileStore, milvus: MilvusStore, model_pool: ModelPool,
@@ -140,21 +129,11 @@ def milvus_collection(
     )
 
 
-@asset_check(asset=milvus_collection, blocking=True, **memory_class("io"),
-             additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True}),
-                             "embeddings": AssetIn("embeddings", metadata={SKIP_MISSING_PARTITIONS: True})},
-             description="The Milvus collection holds exactly one vector per current chunk: none missing, none "
-                         "stale or out of date, none twice.")
-@fail_fast_unless_transient
-def milvus_collection_matches_chunks(chunks: PartitionRefs, embeddings: PartitionRefs, store: FileStore,
-                                     milvus: MilvusStore, model_pool: ModelPool) -> AssetCheckResult:
-    compared, skipped = compared_sources(chunks, embeddings)
-    expected = expected_vectors(store, compared, model_pool.fingerprint())
-    protected = {vid for vid, _, _ in milvus.key_rows(including=set(skipped))}
-    found = reconcile("Milvus", expected, milvus.iter_keys(), protected)
-    found.skipped = skipped
-    # Rows the iterator collapsed (one primary key stored twice) still show in the collection's count.
-    held = (milvus.count() if milvus.exists() else 0) - found.left_as_they_are
-    found.duplicates += max(0, held - found.held)
-    return AssetCheckResult(passed=found.exact, description=found.describe(),
-                            metadata={**found.metadata(), "collection": milvus.collection})
+def _milvus_held(milvus: MilvusStore, skipped: set[str]) -> HeldVectors:
+    protected = {vid for vid, _, _ in milvus.key_rows(including=skipped)}
+    return HeldVectors(milvus.iter_keys(), protected, count=milvus.count() if milvus.exists() else 0,
+                       metadata={"collection": milvus.collection})
+
+
+milvus_collection_matches_chunks = reconciliation_check(milvus_collection, "milvus_collection_matches_chunks",
+                                                        "Milvus", "milvus", _milvus_held)

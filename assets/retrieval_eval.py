@@ -53,10 +53,11 @@ from quiver.retrieval import (
     search_documents,
     top_k_agreement,
 )
+from resources.faiss_store import FaissStore
 from resources.fileref import FileRef, FileStore
+from resources.milvus_store import MilvusStore
 from resources.model_pool import ModelPool
 from resources.sources import SourceRegistry
-from resources.vector_stores import FaissStore, MilvusStore
 
 STORES = ("faiss", "milvus")
 COLUMN_OF = {"ndcg@10": "ndcg_at_10", "recall@100": "recall_at_100", "mrr@10": "mrr_at_10"}

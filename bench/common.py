@@ -6,12 +6,15 @@ import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from quiver.tables import markdown
 
 PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT / "bench" / "results"
@@ -26,6 +29,32 @@ def fresh_home(prefix: str) -> Path:
     return home
 
 
+class Sampler:
+    """A background thread that calls `sample()` every `interval_s` while the `with` block runs."""
+
+    interval_s = 0.1
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -36,19 +65,9 @@ def machine() -> dict[str, Any]:
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    text = f"\n{title}\n\n" + "\n".join(lines)
+    text = f"\n{title}\n\n" + markdown(headers, rows)
     print(text, flush=True)
     return text
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value)
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PROJECT, median, print_table, wait_for_runs, write_results  # noqa: E402
+from bench.common import PROJECT, Sampler, median, print_table, wait_for_runs, write_results  # noqa: E402
 
 INSTANCE_YAML = """\
 storage:
@@ -63,27 +62,16 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
-class RssSampler:
+class RssSampler(Sampler):
     """Peak of the summed RSS of a process and all its descendants, sampled every 0.1 s."""
 
     def __init__(self, root: psutil.Process) -> None:
+        super().__init__()
         self.root = root
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.root))
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        self.peak = max(self.peak, tree_rss(self.root))
 
 
 def idle_rss(daemon: psutil.Process, settle_s: float = 15.0) -> int:

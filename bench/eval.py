@@ -68,7 +68,7 @@ def evaluate_mode(res: dict[str, Any], instance: Any, name: str, path: str, chun
     from assets.retrieval_eval import evaluate_stores, store_searches
     from quiver.beir import read_relevance_data
     from quiver.retrieval import mean_metrics, recall_against
-    from resources.vector_stores import FaissStore
+    from resources.faiss_store import FaissStore
 
     res["sources"].add(name, path, "beir", chunking)
     instance.add_dynamic_partitions("sources", [name])

@@ -55,7 +55,7 @@ def materialize(res: dict[str, Any], instance: Any, partition: str, assets: list
     from dagster import materialize as run
 
     from platform_defs.definitions import ALL_ASSETS
-    from quiver.cli import config_for_job
+    from platform_defs.runs import config_for_job
 
     result = run(ALL_ASSETS, instance=instance, resources=res, selection=assets,
                  run_config=config_for_job(config or {}, tuple(assets), {}),
@@ -65,7 +65,8 @@ def materialize(res: dict[str, Any], instance: Any, partition: str, assets: list
 
 
 def one_mode(mode: str, res: dict[str, Any], chunks: Any, partition: str, args: argparse.Namespace) -> dict[str, Any]:
-    from assets.embed_pipeline import CHUNK_COLUMNS, PipelineSettings, embed_partition_vectors, embeddings_schema
+    from assets.embed_pipeline import PipelineSettings, embed_partition_vectors
+    from quiver.vectors import CHUNK_COLUMNS, embeddings_schema
     from resources.embedding_cache import CacheStats
 
     pool, store = res["model_pool"], res["store"]
@@ -75,16 +76,11 @@ def one_mode(mode: str, res: dict[str, Any], chunks: Any, partition: str, args: 
         for batch in batches:
             pool.encode(batch.column("text").to_pylist())
         return {"seconds": time.perf_counter() - started, "rows": chunks.rows}
-    from resources.vector_stores import MilvusStore
+    from resources.milvus_store import MilvusStore
 
     # Constructed, not copied: Dagster rebuilds a resource from its constructor's config.
     milvus = MilvusStore(uri=res["milvus"].uri, collection=f"bench_{mode.replace('-', '_')}")
-    client = milvus.client()
-    if client.has_collection(milvus.collection):
-        client.drop_collection(milvus.collection)
-    from resources import vector_stores
-
-    vector_stores._LOADED_COLLECTIONS.clear()
+    milvus.drop()
     settings = PipelineSettings(mode=mode, preprocess_workers=args.preprocess_workers, queue_maxsize=args.queue_maxsize,
                                 insert_batch_size=args.insert_batch_size)
     started = time.perf_counter()
@@ -131,10 +127,7 @@ def incremental(res: dict[str, Any], instance: Any, partition: str, source: Path
     source.write_text("".join(json.dumps(d) + "\n" for d in docs))
     changed_s, changed = run()
     # A full rebuild: every text encoded again, every vector written again to both stores.
-    res["milvus"].client().drop_collection(res["milvus"].collection)
-    from resources import vector_stores
-
-    vector_stores._LOADED_COLLECTIONS.clear()
+    res["milvus"].drop()
     rebuild_s, rebuild = run(
         {"ops": {"embeddings": {"config": {"force": True}}, "faiss_index": {"config": {"force": True, "rebuild": True}},
                  "milvus_collection": {"config": {"force": True}}}},
@@ -238,7 +231,7 @@ def main() -> None:
         if not args.skip_incremental:
             entry["incremental"] = incremental(res, instance, name, source, args)
         results["corpora"][name] = entry
-        from resources.vector_stores import close_milvus_clients
+        from resources.milvus_clients import close_milvus_clients
 
         close_milvus_clients()
     results["table"] = tables(results)

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PROJECT, fresh_home, median, print_table, write_results  # noqa: E402
+from bench.common import PROJECT, Sampler, fresh_home, median, print_table, write_results  # noqa: E402
 
 FORKSERVER_MAIN = "from multiprocessing.forkserver import main"
 
@@ -61,17 +60,18 @@ def naive_vs_pool(tasks: int) -> dict[str, float]:
     return {"naive_s": naive, "pool_s": pooled, "ratio": naive / pooled}
 
 
-class PssSampler:
+class PssSampler(Sampler):
     """Samples the summed PSS of the step processes of one run (under `root`) until stopped."""
 
+    interval_s = 0.25
+
     def __init__(self, mode: str, root: psutil.Process) -> None:
+        super().__init__()
         self.mode = mode
         self.root = root
         self.peak_sum = 0
         self.peak_single = 0
         self.steps_seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def step_processes(self) -> list[psutil.Process]:
         """spawn: the spawn_main children. forkserver: the children of the run's forkserver itself
@@ -100,27 +100,17 @@ class PssSampler:
                 found.append(child)
         return found
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for proc in self.step_processes():
-                try:
-                    pss = proc.memory_full_info().pss
-                except psutil.Error:
-                    continue
-                self.steps_seen.add(proc.pid)
-                total += pss
-                self.peak_single = max(self.peak_single, pss)
-            self.peak_sum = max(self.peak_sum, total)
-            self._stop.wait(0.25)
-
-    def __enter__(self) -> "PssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        total = 0
+        for proc in self.step_processes():
+            try:
+                pss = proc.memory_full_info().pss
+            except psutil.Error:
+                continue
+            self.steps_seen.add(proc.pid)
+            total += pss
+            self.peak_single = max(self.peak_single, pss)
+        self.peak_sum = max(self.peak_sum, total)
 
 
 def concurrent_steps(mode: str, texts_file: Path) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""The Definitions Dagster loads (workspace.yaml, `dagster dev`, `dagster asset materialize -m platform_defs`)."""
+"""The Definitions Dagster loads (workspace.yaml, `dagster dev`, `dagster asset materialize -m platform_defs`).
+
+Pure declarations: nothing here measures, connects or writes when imported (the forkserver imports it too).
+"""
 
 from dagster import Definitions
 
@@ -16,23 +19,14 @@ from assets.retrieval_eval import (
 )
 from platform_defs.executor import job_executor
 from platform_defs.jobs import eval_job, index_job, ingest_job
-from platform_defs.limits import limits_at_load
 from platform_defs.resources import build_resources
-from platform_defs.sensors import (
-    evaluation_schedule,
-    inbox_sensor,
-    index_automation_sensor,
-    index_maintenance_schedule,
-)
+from platform_defs.schedules import evaluation_schedule, index_maintenance_schedule
+from platform_defs.sensors import inbox_sensor, index_automation_sensor
 
 # Code versions come from the asset graph: each asset's hashes the project code it runs and its upstream's.
 ALL_ASSETS = with_code_versions([documents, chunks, embeddings, faiss_index, milvus_collection, retrieval_eval])
 ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks, ndcg_at_10_above_floor,
               faiss_and_milvus_agree, results_are_corpus_documents]
-
-
-# Computed, logged and applied as concurrency pools when the definitions load; each run recomputes them.
-LIMITS = limits_at_load()
 
 defs = Definitions(
     assets=ALL_ASSETS,

@@ -1,25 +1,23 @@
-"""This machine's concurrency limits per memory class, computed when the definitions load.
+"""This machine's concurrency limits per memory class, and the instance's concurrency pools that carry them.
 
-They are logged, applied as the multiprocess executor's tag limits (within a run; see executor.py, which
-recomputes them when a run starts, with the preflight check) and as Dagster concurrency pools (across
-runs: backfills, and several runs at once). `quiver limits` shows them.
+The limits are computed when a run starts (the executor's preflight) and by `quiver limits`; pools are
+set only by an explicit action (`quiver limits --apply`) and by a run as it starts, never as a side effect
+of loading the definitions.
 """
 
-import logging
 import os
 from typing import Any
 
+from platform_defs.footprint import footprint
+from platform_defs.resources import build_resources
 from quiver.memory import Limits, compute_limits, memory_settings
 
-_log = logging.getLogger("quiver.limits")
 MANAGE_POOLS_ENV = "QUIVER_MANAGE_POOLS"
 
 
-def current_limits(measure: bool = True) -> Limits:
-    """Limits from the machine's available memory, the measured model footprint and the environment."""
-    from platform_defs.resources import build_resources
-
-    need, source = build_resources(resolve_env=True)["model_pool"].footprint(measure=measure)
+def current_limits(measure: bool = True, log: Any = None) -> Limits:
+    """Limits from the machine's available memory, the model's measured footprint and the environment."""
+    need, source = footprint(build_resources(resolve_env=True)["model_pool"], measure=measure, log=log)
     return compute_limits(memory_settings(need, source))
 
 
@@ -39,24 +37,3 @@ def apply_pools(instance: Any, limits: Limits) -> dict[str, tuple[int | None, in
 
 def manage_pools() -> bool:
     return os.environ.get(MANAGE_POOLS_ENV, "1") != "0"
-
-
-def limits_at_load() -> Limits | None:
-    """Computes and logs the limits, and applies the pools to the instance of $DAGSTER_HOME if there is one.
-    Never fails the loading of the definitions: limits are recomputed, and enforced, when a run starts."""
-    try:
-        limits = current_limits()
-    except Exception:  # noqa: BLE001 - a run still computes them and fails clearly if it cannot
-        _log.warning("could not compute the memory limits", exc_info=True)
-        return None
-    _log.info(limits.describe())
-    if manage_pools() and os.environ.get("DAGSTER_HOME"):
-        try:
-            from dagster import DagsterInstance
-
-            with DagsterInstance.get() as instance:
-                for pool, (was, now) in apply_pools(instance, limits).items():
-                    _log.info("concurrency pool %s: %s -> %s", pool, was, now)
-        except Exception:  # noqa: BLE001 - the instance may not exist yet; runs apply the pools too
-            _log.debug("could not apply concurrency pools", exc_info=True)
-    return limits

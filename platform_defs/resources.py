@@ -6,22 +6,16 @@ fields). Secrets, QUIVER_MILVUS_TOKEN and QUIVER_REDIS_URL (which may hold a pas
 Definitions as EnvVar, so the UI shows the variable's name and never its value.
 """
 
-import os
 from typing import Any
 
-from dagster import EnvVar
-
 from resources.embedding_cache import EmbeddingCache
-from resources.fileref import FileRefIOManager, FileStore
+from resources.env import secret
+from resources.faiss_store import FaissStore
+from resources.fileref import FileStore
+from resources.fileref_io import FileRefIOManager
+from resources.milvus_store import MilvusStore
 from resources.model_pool import ModelPool
 from resources.sources import Inbox, SourceRegistry
-from resources.vector_stores import FaissStore, MilvusStore
-
-
-def _secret(field: str, variable: str, resolve: bool) -> dict[str, Any]:
-    if not os.environ.get(variable):
-        return {}
-    return {field: os.environ[variable] if resolve else EnvVar(variable)}
 
 
 def build_resources(resolve_env: bool = False) -> dict[str, Any]:
@@ -34,7 +28,7 @@ def build_resources(resolve_env: bool = False) -> dict[str, Any]:
         "inbox": Inbox(),
         "model_pool": ModelPool(),
         "faiss_store": FaissStore(),
-        "milvus": MilvusStore(**_secret("token", "QUIVER_MILVUS_TOKEN", resolve_env)),
+        "milvus": MilvusStore(**secret("token", "QUIVER_MILVUS_TOKEN", resolve_env)),
         # Redis is the optional L2: on when QUIVER_REDIS_URL is set. L1 and L3 need no service.
-        "embedding_cache": EmbeddingCache(**_secret("redis_url", "QUIVER_REDIS_URL", resolve_env)),
+        "embedding_cache": EmbeddingCache(**secret("redis_url", "QUIVER_REDIS_URL", resolve_env)),
     }

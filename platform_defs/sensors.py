@@ -10,31 +10,25 @@ by their eager automation condition.
 
 import json
 import time
-from datetime import UTC, datetime
 
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetSelection,
     AutomationConditionSensorDefinition,
-    DefaultScheduleStatus,
     DefaultSensorStatus,
     DeleteDynamicPartitionsRequest,
     RunRequest,
-    ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
-    schedule,
     sensor,
 )
 from upath import UPath
 
 from assets.common import sources_partitions
-from platform_defs.jobs import eval_job, index_job, ingest_job
-from quiver.beir import has_relevance_data
+from platform_defs.jobs import index_job, ingest_job
 from quiver.inbox import InboxUnavailableError, scan_inbox
 from resources.sources import Inbox, SourceRegistry
-from resources.vector_stores import FaissStore
 
 INBOX_TAG = "quiver/inbox"
 
@@ -111,34 +105,3 @@ def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: Source
         context.log.warning(f"inbox entry of source {name!r} cannot be read now ({why}); it is kept, not removed")
     return SensorResult(run_requests=runs, dynamic_partitions_requests=requests,
                         cursor=json.dumps({"inbox": watched, "sources": acted}, sort_keys=True))
-
-
-def _day(context: ScheduleEvaluationContext) -> str:
-    moment = context.scheduled_execution_time or datetime.now(UTC)
-    return moment.strftime("%Y-%m-%d")
-
-
-@schedule(cron_schedule="0 2 * * *", job=index_job, default_status=DefaultScheduleStatus.STOPPED,
-          description="Nightly index maintenance: rebuilds an IVF index changed since its clusters were trained, "
-                      "and compacts the Milvus collection.")
-def index_maintenance_schedule(context: ScheduleEvaluationContext, faiss_store: FaissStore) -> RunRequest:
-    rebuild = False
-    version = faiss_store.current_version()
-    if version and faiss_store.has_version(version):
-        manifest = faiss_store.manifest(version)
-        # Flat needs nothing; HNSW is rebuilt on every change already; IVF drifts from its trained clusters.
-        rebuild = manifest.get("index_type") == "ivf" and manifest.get("changes_since_rebuild", 0) > 0
-    return RunRequest(run_key=f"maintenance:{_day(context)}", tags={"quiver/maintenance": "index"}, run_config={
-        "ops": {"faiss_index": {"config": {"rebuild": rebuild, "force": rebuild}},
-                "milvus_collection": {"config": {"compact": True}}}})
-
-
-@schedule(cron_schedule="0 3 * * *", job=eval_job, default_status=DefaultScheduleStatus.STOPPED,
-          description="Nightly retrieval evaluation of every source that has queries and qrels (after the index "
-                      "maintenance).")
-def evaluation_schedule(context: ScheduleEvaluationContext, sources: SourceRegistry) -> list[RunRequest] | SkipReason:
-    names = [s.name for s in sources.all() if s.kind == "beir" and has_relevance_data(s.path)]
-    if not names:
-        return SkipReason("no source has queries.jsonl and qrels/test.tsv to evaluate")
-    return [RunRequest(partition_key=name, run_key=f"evaluation:{name}:{_day(context)}",
-                       tags={"quiver/maintenance": "evaluation"}) for name in names]

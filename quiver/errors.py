@@ -20,3 +20,7 @@ class FileRefError(QuiverError):
 
 class ConfigError(QuiverError):
     """A configuration value that cannot work; never retried."""
+
+
+class ModelPoolError(QuiverError):
+    """A model that cannot be used: a device that is not there, an instance that kept failing its reloads."""

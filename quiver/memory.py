@@ -65,6 +65,7 @@ class MemorySettings:
     cores: int
     shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
     sources: dict[str, str] = field(default_factory=dict)
+    fraction: float = DEFAULT_FRACTION  # of what is available that steps may use
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def memory_settings(model_need: int, model_source: str, env: Mapping[str, str] |
             needs[memory_class], sources[memory_class] = parse_size(env[env_need(memory_class)]), env_need(memory_class)
     if cores is None:
         cores = int(env.get(ENV_CORES) or os.cpu_count() or 1)
-    return MemorySettings(available=available, budget=budget, needs=needs, cores=cores, sources=sources)
+    return MemorySettings(available=available, budget=budget, needs=needs, cores=cores, sources=sources,
+                          fraction=fraction)
 
 
 @dataclass(frozen=True)

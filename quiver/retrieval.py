@@ -5,7 +5,7 @@ MTEB report with, so the figures are comparable with theirs.
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import ir_measures
 import numpy as np
@@ -17,6 +17,7 @@ MEASURES = {"ndcg@10": nDCG @ 10, "recall@100": R @ 100, "mrr@10": RR @ 10}
 Ranking = list[tuple[str, float]]  # (document id, score), best first
 # (queries, k) -> for each query, its k best chunks as (document id, score), best first
 ChunkSearch = Callable[[np.ndarray, int], list[Ranking]]
+Hit = TypeVar("Hit")
 
 
 def rank_documents(chunk_hits: Sequence[tuple[str, float]], aggregation: Aggregation = "max") -> Ranking:
@@ -37,6 +38,18 @@ def rank_documents(chunk_hits: Sequence[tuple[str, float]], aggregation: Aggrega
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}: use max, sum or mean")
     return sorted(combined.items(), key=lambda item: (-item[1], item[0]))
+
+
+def top_documents(hits: Sequence[Hit], k: int, document: Callable[[Hit], str], score: Callable[[Hit], float],
+                  aggregation: Aggregation = "max") -> list[tuple[Hit, float]]:
+    """The k best documents among chunk hits, ranked as `rank_documents` ranks them: each with its best chunk
+    and the document's score."""
+    best: dict[str, Hit] = {}
+    for hit in hits:
+        if document(hit) not in best or score(hit) > score(best[document(hit)]):
+            best[document(hit)] = hit
+    ranked = rank_documents([(document(h), score(h)) for h in hits], aggregation)
+    return [(best[doc], value) for doc, value in ranked[:k]]
 
 
 def search_documents(search: ChunkSearch, queries: np.ndarray, depth: int, chunks_in_index: int,

@@ -1,7 +1,6 @@
 """Where the embedded default keeps things, so the CLI, the assets and the tests agree."""
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,20 +32,3 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path in (BUNDLED_MODEL, "bundled", "sentence-transformers/all-MiniLM-L6-v2-bundled"):
         return bundled_model_path()
     return name_or_path
-
-
-def from_env(variable: str, default: str = "") -> "Callable[[], str]":
-    """A resource field's default_factory: the variable's value when the resource is built. Settings are
-    defaults rather than constructor values because Dagster replaces a constructor's value by the field's
-    static default when run config sets another field of the same resource; a default_factory survives."""
-    return lambda: os.environ.get(variable) or default
-
-
-def env_value(value: str) -> str:
-    """A resource field's value, an EnvVar resolved. Dagster leaves a constructor's EnvVar unresolved when run
-    config sets other fields of the same resource, so fields that may hold one are read through this."""
-    from dagster import EnvVar
-
-    if isinstance(value, EnvVar):
-        return value.get_value() or ""
-    return value

@@ -24,7 +24,8 @@ from upath import UPath
 
 from quiver.retry import RetrySettings, call_with_retries
 from quiver.segments import SegmentStore
-from quiver.settings import default_storage_root, env_value, from_env
+from quiver.settings import default_storage_root
+from resources.env import env_value, from_env
 
 ENTRY_MAGIC = b"QVE1"
 _ENTRY_HEADER = struct.Struct("<4sI")  # magic, dimension
@@ -75,7 +76,7 @@ class CacheStats:
                 for level in LEVELS for kind in ("hits", "misses", "fills", "discarded")}
 
 
-class _LRU:
+class BytesLRU:
     """Byte-bounded LRU shared by every cache resource of the process."""
 
     def __init__(self, max_bytes: int) -> None:
@@ -119,15 +120,15 @@ class _LRU:
         return len(self._data)
 
 
-_L1: dict[int, _LRU] = {}
+_L1: dict[int, BytesLRU] = {}
 _L1_LOCK = threading.Lock()
 
 
-def l1_for(max_bytes: int) -> _LRU:
+def l1_for(max_bytes: int) -> BytesLRU:
     with _L1_LOCK:
         lru = _L1.get(max_bytes)
         if lru is None:
-            lru = _L1[max_bytes] = _LRU(max_bytes)
+            lru = _L1[max_bytes] = BytesLRU(max_bytes)
         return lru
 
 
@@ -140,6 +141,12 @@ def clear_l1() -> None:
 
 _SEGMENTS: dict[tuple[str, int], SegmentStore] = {}
 _SEGMENTS_LOCK = threading.Lock()
+
+
+def forget_segments() -> None:
+    """Drop this process's index of disk-cache segments (it is rebuilt from the directory when next used)."""
+    with _SEGMENTS_LOCK:
+        _SEGMENTS.clear()
 
 
 def _check_level(
@@ -191,7 +198,8 @@ class EmbeddingCache(ConfigurableResource):
         return call_with_retries(f"Redis {what} ({_redacted(url)})", lambda: call(_redis_client(url)), settings,
                                  log=get_dagster_logger())
 
-    def _segments(self, fingerprint: str, dimension: int) -> SegmentStore:
+    def disk_level(self, fingerprint: str, dimension: int) -> SegmentStore:
+        """The L3 segments of one model in this process."""
         key = (f"{self.l3_directory}/{fingerprint}", dimension)
         with _SEGMENTS_LOCK:
             store = _SEGMENTS.get(key)
@@ -229,7 +237,7 @@ class EmbeddingCache(ConfigurableResource):
         l3_hits: list[int] = []
         if self.l3_enabled and pending:
             try:
-                by_position = self._segments(fingerprint, dimension).get_many([text_shas[i] for i in pending])
+                by_position = self.disk_level(fingerprint, dimension).get_many([text_shas[i] for i in pending])
             except (OSError, ValueError) as exc:  # a cache is never worth failing a step: a miss re-encodes
                 get_dagster_logger().warning(f"embedding cache disk level unreadable, treated as a miss: {exc}")
                 by_position = {}
@@ -262,7 +270,7 @@ class EmbeddingCache(ConfigurableResource):
             stats.fills["l2"] += len(entries)
         if self.l3_enabled:
             try:
-                stats.fills["l3"] += self._segments(fingerprint, dimension).put_many(list(text_shas), entries)
+                stats.fills["l3"] += self.disk_level(fingerprint, dimension).put_many(list(text_shas), entries)
             except (OSError, ValueError) as exc:
                 get_dagster_logger().warning(f"embedding cache disk level not written ({exc}): the vectors are "
                                              "still in the output, only a later run may encode them again")

@@ -8,9 +8,8 @@ every load that it points inside the storage root and that the file still has it
 import hashlib
 import json
 import os
-import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,12 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import (
-    ConfigurableIOManager,
     ConfigurableResource,
-    Failure,
-    InputContext,
     MetadataValue,
-    OutputContext,
 )
 from pydantic import Field
 from upath import UPath
@@ -36,15 +31,11 @@ from quiver.atomic import (
     remove_stale_temporaries,
     write_text_atomic,
 )
-from quiver.errors import FileRefError, QuiverError
+from quiver.errors import FileRefError
 from quiver.names import check_source_name
-from quiver.retry import ServiceUnavailableError
 from quiver.settings import default_storage_root
 
 UNPARTITIONED = "__all__"
-# Input metadata (AssetIn(metadata=...)) of an input that reads every partition of an upstream asset and
-# does without the partitions that have no good output yet: they are listed in PartitionRefs.skipped.
-SKIP_MISSING_PARTITIONS = "quiver/skip_partitions_without_output"
 LATEST_POINTER = "LATEST.json"
 _HASH_CHUNK = 1 << 20
 
@@ -306,102 +297,3 @@ def _partition_part(partition: str | None) -> str:
     """A partition key as a path component: only names that follow the source-name rule (a key added from the
     UI or GraphQL is checked here too), so no path outside the storage root is ever built from one."""
     return UNPARTITIONED if partition is None else check_source_name(partition, "partition key")
-
-
-class PartitionRefs(dict[str, FileRef]):
-    """{partition: FileRef} of an upstream asset, and the partitions skipped because they have no good
-    output yet, with the reason for each."""
-
-    def __init__(self, refs: Mapping[str, FileRef] | None = None) -> None:
-        super().__init__(refs or {})
-        self.skipped: dict[str, str] = {}
-
-
-@contextmanager
-def _permanent_errors_fail_at_once() -> Iterator[None]:
-    """A reference that cannot be trusted fails the step at once: no retry policy makes a tampered or missing
-    file right. (An object store that is down raises its own errors, which are retried.)"""
-    try:
-        yield
-    except (ServiceUnavailableError, Failure):
-        raise
-    except (QuiverError, TypeError, ValueError, KeyError) as exc:
-        raise Failure(description=str(exc), allow_retries=False) from exc
-
-
-class FileRefIOManager(ConfigurableIOManager):
-    """Stores the FileRef an asset returns and hands downstream verified FileRefs.
-
-    For an unpartitioned asset downstream of a partitioned one, the input is {partition: FileRef}.
-    """
-
-    store: FileStore
-
-    def handle_output(self, context: OutputContext, obj: FileRef | dict[str, FileRef]) -> None:
-        with _permanent_errors_fail_at_once():
-            self._handle_output(context, obj)
-
-    def load_input(self, context: InputContext) -> "FileRef | PartitionRefs":
-        with _permanent_errors_fail_at_once():
-            return self._load_input(context)
-
-    def _handle_output(self, context: OutputContext, obj: FileRef | dict[str, FileRef]) -> None:
-        """Record where each partition's output is; a multi-partition run hands {partition: FileRef}."""
-        started = time.perf_counter()
-        if isinstance(obj, FileRef):
-            partition = context.asset_partition_key if context.has_asset_partitions else None
-            refs = {partition: obj}
-        elif isinstance(obj, dict) and context.has_asset_partitions:
-            refs = dict(obj)
-            missing = set(context.asset_partition_keys) - set(refs)
-            if missing:
-                raise FileRefError(f"{context.asset_key.to_user_string()} returned no FileRef for {sorted(missing)}")
-        else:
-            raise TypeError(f"{context.asset_key.to_user_string()} must return a FileRef, got {type(obj).__name__}")
-        for partition, ref in refs.items():
-            if not isinstance(ref, FileRef):
-                raise TypeError(f"{context.asset_key.to_user_string()}[{partition}] is not a FileRef")
-            self.store.check(ref, verify_hash=False)
-            self.store.write_latest(context.asset_key.path, partition, ref)
-        if len(refs) == 1:
-            [ref] = refs.values()
-            context.add_output_metadata({**ref.metadata(), "io_seconds": time.perf_counter() - started})
-        else:
-            context.add_output_metadata({
-                "rows": MetadataValue.int(sum(r.rows for r in refs.values())),
-                "bytes": MetadataValue.int(sum(r.bytes for r in refs.values())),
-                "paths": MetadataValue.json({p: r.path for p, r in refs.items()}),
-                "io_seconds": time.perf_counter() - started,
-            })
-
-    def _load_input(self, context: InputContext) -> "FileRef | PartitionRefs":
-        asset = context.asset_key.path
-        if not context.has_asset_partitions:
-            return self._load(asset, None)
-        keys = list(context.asset_partition_keys)
-        if context.has_partition_key and len(keys) == 1:
-            return self._load(asset, keys[0])  # a partition reads the same partition upstream
-        if not context.definition_metadata.get(SKIP_MISSING_PARTITIONS):
-            return PartitionRefs({key: self._load(asset, key) for key in keys})  # a single-run backfill
-        # An index reads every partition that has a good output; one without (a new source whose first run
-        # failed, a file removed or changed behind Quiver's back) is skipped and named, never fatal for all.
-        refs = PartitionRefs()
-        for key in keys:
-            try:
-                refs[key] = self._load(asset, key)
-            except FileRefError as exc:
-                refs.skipped[key] = str(exc)
-        if refs.skipped:
-            context.log.warning(f"{'/'.join(asset)}: {len(refs.skipped)} partition(s) without a good output are "
-                                f"skipped, their vectors left as they are: {refs.skipped}")
-        return refs
-
-    def _load(self, asset: list[str], partition: str | None) -> FileRef:
-        where = "/".join(asset) + (f" partition {partition!r}" if partition else "")
-        try:
-            ref = self.store.read_latest(asset, partition)
-        except (QuiverError, ValueError, KeyError, TypeError) as exc:  # a bad key, a damaged pointer
-            raise FileRefError(f"{where}: no trustworthy output ({exc})") from exc
-        if ref is None:
-            raise FileRefError(f"{where} has not been materialized yet (no FileRef under {self.store.root})")
-        return self.store.check(ref)

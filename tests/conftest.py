@@ -20,8 +20,7 @@ QUIVER_ENV = ("QUIVER_STORAGE_ROOT", "QUIVER_MILVUS_URI", "QUIVER_MILVUS_TOKEN",
 @pytest.fixture
 def quiver_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh DAGSTER_HOME (SQLite instance, artifacts, Milvus Lite) for one test."""
-    from resources import embedding_cache
-    from resources.vector_stores import close_milvus_clients
+    from resources.process import reset_process_state
 
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -29,11 +28,9 @@ def quiver_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     for name in QUIVER_ENV:
         monkeypatch.delenv(name, raising=False)
-    close_milvus_clients()
-    embedding_cache.clear_l1()  # each test starts like a fresh process: nothing cached in memory
-    embedding_cache._SEGMENTS.clear()
+    reset_process_state()  # each test starts like a fresh process: nothing cached in memory
     yield home
-    close_milvus_clients()
+    reset_process_state()
 
 
 @pytest.fixture
@@ -100,8 +97,7 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture
 def production_home(tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A DAGSTER_HOME with the production instance (deploy/production/dagster.yaml) on a fresh database."""
-    from resources import embedding_cache
-    from resources.vector_stores import close_milvus_clients
+    from resources.process import reset_process_state
 
     home = tmp_path / "production_home"
     home.mkdir()
@@ -111,11 +107,9 @@ def production_home(tmp_path: Path, postgres_url: str, monkeypatch: pytest.Monke
     monkeypatch.setenv("QUIVER_MAX_CONCURRENT_RUNS", "4")
     for name in QUIVER_ENV:
         monkeypatch.delenv(name, raising=False)
-    close_milvus_clients()
-    embedding_cache.clear_l1()
-    embedding_cache._SEGMENTS.clear()
+    reset_process_state()
     yield home
-    close_milvus_clients()
+    reset_process_state()
 
 
 @pytest.fixture

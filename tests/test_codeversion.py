@@ -98,7 +98,7 @@ def test_shared_hashing_change_changes_every_stage_that_uses_it(project_copy: Pa
 
 def test_an_edit_in_resources_changes_every_stage_that_runs_it(project_copy: Path) -> None:
     before = _versions(project_copy)
-    _edit(project_copy / "resources" / "vector_stores.py", "SNIPPET_CHARS = 2000", "SNIPPET_CHARS = 1000")
+    _edit(project_copy / "resources" / "milvus_store.py", "EXACT_MARK = \"quiver.exact.\"", "EXACT_MARK = \"q.exact.\"")
     after = _versions(project_copy)
     changed = {s for s in STAGES if after[s] != before[s]}
     assert {"assets.embeddings", "assets.faiss_index", "assets.milvus_collection", "assets.retrieval_eval"} <= changed

@@ -98,11 +98,14 @@ def max_overlap(spans: list[tuple[float, float]]) -> int:
     return most
 
 
-def _engine_messages(instance: Any, run_id: str) -> list[str]:
-    from dagster import DagsterEventType
-
-    return [r.dagster_event.message for r in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)
-            if r.dagster_event and r.dagster_event.message]
+def _run_messages(instance: Any, run_id: str) -> list[str]:
+    """What a run's log says: its engine events and the executor's log lines."""
+    messages = []
+    for entry in instance.all_logs(run_id):
+        text = entry.dagster_event.message if entry.dagster_event else entry.user_message
+        if text:
+            messages.append(text)
+    return messages
 
 
 def _execute(home: Path, env: dict[str, str], config: dict[str, Any] | None = None,
@@ -127,7 +130,7 @@ def test_a_run_never_runs_more_heavy_steps_than_its_limit(quiver_home: Path, ins
     spans = _steps(instance, [run_id])
     assert len(spans) == 6
     assert max_overlap(list(spans.values())) == 3
-    messages = _engine_messages(instance, run_id)
+    messages = _run_messages(instance, run_id)
     assert any(m.startswith("memory limits: model 3 (300 MiB each, by memory)") for m in messages), messages
     assert {p.name: p.limit for p in instance.event_log_storage.get_pool_limits()} == {
         "quiver-model": 3, "quiver-io": 1, "quiver-light": 1}  # 375 MiB < 768 MiB and 225 MiB < 384 MiB: minimum 1
@@ -138,7 +141,7 @@ def test_preflight_lowers_concurrency_when_memory_is_short_now(quiver_home: Path
                QUIVER_MEMORY_AVAILABLE="800MiB")  # 80% of it: 640 MiB, two steps
     run_id, _ = _execute(quiver_home, env, {"execution": {"config": {"max_concurrent": 6}}})
     assert max_overlap(list(_steps(instance, [run_id]).values())) == 2
-    messages = _engine_messages(instance, run_id)
+    messages = _run_messages(instance, run_id)
     assert any(m.startswith("preflight: lowered concurrency to {'model': 2") for m in messages), messages
 
 
@@ -203,7 +206,7 @@ def test_a_step_killed_for_memory_is_reported_as_such(quiver_home: Path, instanc
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode != 0
         run_id = instance.get_runs(limit=1)[0].run_id
-        report = [m for m in _engine_messages(instance, run_id) if m.startswith("step heavy_0 ")]
+        report = [m for m in _run_messages(instance, run_id) if m.startswith("step heavy_0 ")]
         assert report, out[-3000:]
         assert report[0].startswith("step heavy_0 (memory class model, which needs ")
         assert "was killed by the kernel for lack of memory (OOM killer: " in report[0]
@@ -234,5 +237,5 @@ def test_a_step_killed_by_someone_else_is_not_blamed_on_memory(quiver_home: Path
         time.sleep(0.2)
     proc.communicate(timeout=120)
     run_id = instance.get_runs(limit=1)[0].run_id
-    report = [m for m in _engine_messages(instance, run_id) if m.startswith("step heavy_0 ")]
+    report = [m for m in _run_messages(instance, run_id) if m.startswith("step heavy_0 ")]
     assert report and "killed by SIGKILL, but the kernel's OOM-kill count did not change" in report[0]

@@ -13,6 +13,7 @@ import pytest
 from resources import embedding_cache as ec
 from resources.embedding_cache import CacheStats, EmbeddingCache, encode_with_cache, pack_entry, text_sha
 from resources.model_pool import ModelPool
+from resources.process import reset_process_state
 from tests.helpers import add_source, ingest, metadata, scifact_docs, write_jsonl
 
 REDIS_URL = os.environ.get("QUIVER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -51,8 +52,7 @@ def pool() -> ModelPool:
 
 def _new_process() -> None:
     """What a fresh process starts with: empty L1 and no L3 index in memory."""
-    ec.clear_l1()
-    ec._SEGMENTS.clear()
+    reset_process_state()
 
 
 def _cache(tmp_path: Path, l1: bool = True, l2: bool = False, l3: bool = False, url: str = "",
@@ -75,7 +75,7 @@ def test_l1_misses_fills_then_hits(tmp_path: Path, pool: ModelPool) -> None:
 
 
 def test_l1_is_bounded_in_bytes() -> None:
-    lru = ec._LRU(max_bytes=3 * ec.entry_size(4))
+    lru = ec.BytesLRU(max_bytes=3 * ec.entry_size(4))
     for i in range(5):
         lru.put(("fp", bytes([i]) * 32), pack_entry(bytes([i]) * 32, np.ones(4, np.float32)))
     assert len(lru) == 3 and lru.bytes <= 3 * ec.entry_size(4)
@@ -212,10 +212,15 @@ def test_temporary_segments_are_never_read_and_stale_ones_are_removed(tmp_path: 
     fingerprint, dimension = pool.fingerprint(), pool.dimension()
     directory = tmp_path / "l3" / fingerprint
     # A writer died after writing a whole, valid-looking segment under its temp name: it must never be read.
-    writer = _segment_store(directory)
-    writer.dimension, writer.entry_size = dimension, ec.entry_size(dimension)
-    name = writer._write([text_sha(TEXTS[0])], [pack_entry(text_sha(TEXTS[0]), np.ones(dimension, np.float32))])
-    (directory / name).rename(directory / f".tmp-{name}")
+    from upath import UPath
+
+    from quiver.segments import SegmentStore
+
+    writer = SegmentStore(UPath(str(directory)), dimension, ec.entry_size(dimension))
+    writer.put_many([text_sha(TEXTS[0])], [pack_entry(text_sha(TEXTS[0]), np.ones(dimension, np.float32))])
+    [segment] = directory.glob("*.qvseg")
+    name = segment.name
+    segment.rename(directory / f".tmp-{name}")
     stats = CacheStats()
     vectors = encode_with_cache(pool, cache, TEXTS[:1], stats)
     assert (stats.hits["l3"], stats.misses["l3"]) == (0, 1)
@@ -223,7 +228,7 @@ def test_temporary_segments_are_never_read_and_stale_ones_are_removed(tmp_path: 
     # Maintenance removes temporaries old enough to be abandoned, and only those.
     os.utime(directory / f".tmp-{name}", (1, 1))
     (directory / ".tmp-in-progress.qvseg").write_bytes(b"being written")
-    store = ec._SEGMENTS[(f"{tmp_path / 'l3'}/{fingerprint}", dimension)]
+    store = cache.disk_level(fingerprint, dimension)
     assert store.maintain().removed_temporaries == 1
     assert sorted(p.name for p in directory.glob(".tmp-*")) == [".tmp-in-progress.qvseg"]
 

@@ -16,10 +16,11 @@ import psutil
 import pytest
 from dagster import DagsterInstance
 
-from assets.embed_pipeline import PipelineSettings, embed_partition_vectors, embeddings_schema
+from assets.embed_pipeline import PipelineSettings, embed_partition_vectors
+from quiver.vectors import embeddings_schema
 from resources.embedding_cache import CacheStats
+from resources.milvus_clients import close_milvus_clients
 from resources.model_pool import ModelPool
-from resources.vector_stores import close_milvus_clients
 from tests.conftest import PROJECT
 from tests.helpers import (
     add_source,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from quiver.errors import ModelPoolError
 from resources import model_pool as mp
-from resources.model_pool import ModelPool, ModelPoolError
+from resources.model_pool import ModelPool
 from tests.helpers import add_source, ingest, metadata, scifact_docs, write_jsonl
 
 

@@ -281,7 +281,7 @@ def test_a_moved_home_keeps_every_reference(tmp_path: Path, monkeypatch: pytest.
     from dagster import DagsterInstance
 
     from platform_defs.resources import build_resources
-    from resources.vector_stores import close_milvus_clients
+    from resources.milvus_clients import close_milvus_clients
 
     inbox = quiver_home / "inbox"
     inbox.mkdir()

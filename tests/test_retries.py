@@ -17,7 +17,8 @@ import pytest
 
 from quiver.retry import RetrySettings, ServiceRequestError, ServiceUnavailableError, call_with_retries, is_transient
 from resources.embedding_cache import CacheStats, EmbeddingCache, SegmentStore, text_sha
-from resources.vector_stores import MilvusStore, close_milvus_clients
+from resources.milvus_clients import close_milvus_clients
+from resources.milvus_store import MilvusStore
 from tests.conftest import PROJECT
 from tests.helpers import MilvusServer, add_source, free_port, scifact_docs, write_jsonl
 
@@ -244,7 +245,7 @@ def test_settings_from_the_environment_survive_partial_run_config(monkeypatch: p
     from dagster import asset, materialize
 
     from platform_defs.resources import build_resources
-    from quiver.settings import env_value
+    from resources.env import env_value
 
     monkeypatch.setenv("QUIVER_MILVUS_URI", milvus_server.uri)
     monkeypatch.setenv("QUIVER_MILVUS_TOKEN", "root:Milvus")
@@ -318,7 +319,7 @@ def test_processes_take_turns_on_a_milvus_lite_database(quiver_home: Path, tmp_p
     uri = str(tmp_path / "turns.db")
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[2]);"
-        "from resources.vector_stores import MilvusStore, close_milvus_clients;"
+        "from resources.milvus_store import MilvusStore, close_milvus_clients;"
         "m = MilvusStore(uri=sys.argv[1], collection='turns'); m.ensure_collection(4); print('holding', flush=True);"
         "time.sleep(4); close_milvus_clients()"), uri, str(PROJECT)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "holding"

@@ -18,7 +18,8 @@ from dagster import (
     evaluate_automation_conditions,
 )
 
-from platform_defs.sensors import evaluation_schedule, inbox_sensor, index_maintenance_schedule
+from platform_defs.schedules import evaluation_schedule, index_maintenance_schedule
+from platform_defs.sensors import inbox_sensor
 from resources.sources import Inbox
 from tests.conftest import PROJECT
 from tests.helpers import assert_stores_exact, index, ingest, scifact_docs, write_jsonl
@@ -160,7 +161,7 @@ def _night(instance: Any, **resources: Any) -> Any:
 
 
 def test_maintenance_schedules(tmp_path: Path, instance: Any, resources: dict[str, Any]) -> None:
-    from resources.vector_stores import FaissStore
+    from resources.faiss_store import FaissStore
     from tests.helpers import add_source
 
     beir = PROJECT / "tests" / "fixtures" / "tiny_beir"

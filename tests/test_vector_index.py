@@ -8,7 +8,8 @@ import pytest
 
 from quiver.errors import QuiverError
 from quiver.vector_index import IndexSettings, build_index, choose_index_type
-from resources.vector_stores import PAYLOAD_COLUMNS, FaissStore
+from quiver.vectors import PAYLOAD_COLUMNS
+from resources.faiss_store import FaissStore
 
 
 def _data(n: int, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,8 @@
-"""The `quiver` command: run the pipeline, manage sources, search the indexes."""
+"""The `quiver` command: run the pipeline, manage sources, search the indexes, see the memory limits.
+
+Each command runs Quiver's own Dagster jobs on the instance of $DAGSTER_HOME (the project's dagster_home/
+unless set), so the UI shows every run a command made.
+"""
 
 import argparse
 import json
@@ -7,7 +11,12 @@ import sys
 import textwrap
 from typing import Any
 
+from quiver.errors import ConfigError, QuiverError
+from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING
 from quiver.settings import dagster_home
+from quiver.sources import SOURCE_KINDS
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _prepare_environment() -> None:
@@ -27,6 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from platform_defs.definitions import get_index_job, get_ingest_job
     from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
+    from platform_defs.runs import config_for_job, failure_message, load_run_config
 
     res = _resources()
     registry = res["sources"]
@@ -49,62 +59,28 @@ def cmd_run(args: argparse.Namespace) -> int:
                              run_config=config_for_job(file_config, INGEST_ASSETS, run_config))
         if not result.success:
             failed.append(name)
-            print(f"!! source {name!r} failed: {_failure_message(result)}", file=sys.stderr)
+            print(f"!! source {name!r} failed: {failure_message(result)}", file=sys.stderr)
     print("==> updating the FAISS index and the Milvus collection", flush=True)
     result = execute_job(reconstructable(get_index_job), instance=instance,
                          run_config=config_for_job(file_config, INDEX_ASSETS, run_config))
     if not result.success:
-        print(f"!! indexing failed: {_failure_message(result)}", file=sys.stderr)
+        print(f"!! indexing failed: {failure_message(result)}", file=sys.stderr)
         return 1
     _print_summary(res)
     return 1 if failed else 0
 
 
-def load_run_config(path: str) -> dict[str, Any]:
-    """A Dagster run config YAML file (ops, resources, execution), as `dagster ... -c FILE` takes it."""
-    import yaml
-
-    from quiver.errors import ConfigError
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read run config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: a run config is a mapping (ops:, resources:, execution:)")
-    return loaded
-
-
-def config_for_job(file_config: dict[str, Any], assets: tuple[str, ...], base: dict[str, Any]) -> dict[str, Any]:
-    """The file's config for one job: the `ops` entries of the job's own assets, everything else as is."""
-    merged = {**file_config, **base}
-    if "ops" in file_config:
-        merged["ops"] = {op: value for op, value in file_config["ops"].items() if op in assets}
-    return merged
-
-
-def _failure_message(result: Any) -> str:
-    for event in result.all_events:
-        data = event.step_failure_data if event.is_step_failure else None
-        if data and data.user_failure_data and data.user_failure_data.description:
-            return f"step {event.step_key}: {data.user_failure_data.description.strip()}"
-        if data and data.error:
-            return f"step {event.step_key}: {data.error.message.strip()}"
-    return f"run {result.run_id} did not succeed"
-
-
 def _print_summary(res: dict[str, Any]) -> None:
     version = res["faiss_store"].open_current()
     milvus = res["milvus"]
+    count = milvus.count()
+    milvus.release()
     print(textwrap.dedent(f"""
         Quiver is ready.
           artifacts (Parquet FileRefs): {res['store'].root}
           FAISS index:                  {version.directory} ({version.manifest['ntotal']} vectors, \
 {version.manifest['index_type']})
-          Milvus collection:            {milvus.collection!r} at {milvus.uri} ({milvus.count()} vectors)
+          Milvus collection:            {milvus.collection!r} at {milvus.uri} ({count} vectors)
           Dagster instance:             {os.environ['DAGSTER_HOME']}
 
         Query it:
@@ -116,14 +92,16 @@ def _print_summary(res: dict[str, Any]) -> None:
 
 
 def cmd_source(args: argparse.Namespace) -> int:
+    from platform_defs.runs import add_partition, remove_partition
+
     registry = _resources()["sources"]
     if args.action == "add":
         spec = registry.add(args.name, args.path, args.kind, args.chunking)
-        _add_partition(spec.name)
+        add_partition(spec.name)
         print(f"added source {spec.name!r}: {spec.kind} at {spec.path}")
     elif args.action == "remove":
         removed = registry.remove(args.name)
-        _remove_partition(args.name)
+        remove_partition(args.name)
         print(f"removed source {args.name!r}" if removed else f"no source {args.name!r}")
         if removed:
             print("run `quiver run` to drop its vectors from FAISS and Milvus")
@@ -133,24 +111,10 @@ def cmd_source(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_partition(name: str) -> None:
-    from dagster import DagsterInstance
-
-    instance = DagsterInstance.get()
-    if name not in instance.get_dynamic_partitions("sources"):
-        instance.add_dynamic_partitions("sources", [name])
-
-
-def _remove_partition(name: str) -> None:
-    from dagster import DagsterInstance
-
-    instance = DagsterInstance.get()
-    if name in instance.get_dynamic_partitions("sources"):
-        instance.delete_dynamic_partition("sources", name)
-
-
 def search(query: str, k: int, store: str) -> list[dict[str, Any]]:
-    """Top-k documents for a query: chunks are ranked, then each document keeps its best chunk."""
+    """Top-k documents for a query: its chunks are ranked, then each document keeps its best chunk."""
+    from quiver.retrieval import top_documents
+
     res = _resources()
     vector = res["model_pool"].encode([query])
     fetch = max(k * 4, 20)
@@ -158,19 +122,10 @@ def search(query: str, k: int, store: str) -> list[dict[str, Any]]:
         hits = res["faiss_store"].open_current().search(vector, fetch)[0]
     else:
         hits = res["milvus"].search(vector, fetch)[0]
-    results: list[dict[str, Any]] = []
-    seen: set[tuple[str, str]] = set()
-    for hit in hits:
-        if (hit.source, hit.doc_id) in seen:
-            continue
-        seen.add((hit.source, hit.doc_id))
-        body = hit.text[len(hit.title) + 1:] if hit.title and hit.text.startswith(hit.title + "\n") else hit.text
-        results.append({"rank": len(results) + 1, "score": round(hit.score, 4), "doc_id": hit.doc_id,
-                        "source": hit.source, "title": hit.title, "chunk_id": hit.chunk_id,
-                        "snippet": " ".join(body.split())[:200]})
-        if len(results) == k:
-            break
-    return results
+        res["milvus"].release()
+    ranked = top_documents(hits, k, document=lambda h: f"{h.source}\x00{h.doc_id}", score=lambda h: h.score)
+    return [{"rank": rank, "score": round(score, 4), "doc_id": hit.doc_id, "source": hit.source, "title": hit.title,
+             "chunk_id": hit.chunk_id, "snippet": hit.snippet()} for rank, (hit, score) in enumerate(ranked, start=1)]
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -187,103 +142,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Ingest and index the BEIR source if needed, then evaluate it: the same Dagster jobs as the UI runs."""
-    from dagster import DagsterInstance, execute_job, reconstructable
-    from upath import UPath
-
-    from platform_defs.definitions import get_eval_job, get_index_job, get_ingest_job
-    from quiver.beir import has_relevance_data
-    from quiver.errors import ConfigError
-
-    path = str(UPath(args.path).absolute())
-    if not has_relevance_data(path, args.split):
-        raise ConfigError(f"{path} is not a BEIR-format directory: it needs corpus.jsonl (or .gz), queries.jsonl "
-                          f"and qrels/{args.split}.tsv")
-    name = args.name or UPath(path).name + ("-whole" if args.chunking == "whole_document" else "")
-    res = _resources()
-    res["sources"].add(name, path, "beir", args.chunking)
-    _add_partition(name)
-    instance = DagsterInstance.get()
-    logging = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
-    steps = [("ingesting", get_ingest_job, {"dagster/partition": name}, {}),
-             ("indexing", get_index_job, {}, {}),
-             ("evaluating", get_eval_job, {"dagster/partition": name}, {"ops": eval_ops_config(args)})]
-    result = None
-    for what, job, tags, config in steps:
-        if not args.json:
-            print(f"==> {what} {name!r}", file=sys.stderr, flush=True)
-        result = execute_job(reconstructable(job), instance=instance, tags=tags, run_config={**logging, **config})
-        if not result.success and what != "evaluating":
-            print(f"!! {what} failed: {_failure_message(result)}", file=sys.stderr)
-            return 1
-    assert result is not None
-    report = eval_report(result)
-    if report is None:
-        print(f"!! evaluation failed: {_failure_message(result)}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_eval_report(name, report))
-    return 0 if result.success and all(c["passed"] for c in report["checks"].values()) else 1
-
-
-def eval_ops_config(args: argparse.Namespace) -> dict[str, Any]:
-    ops: dict[str, Any] = {"retrieval_eval": {"config": {"split": args.split, "aggregation": args.aggregation,
-                                                         "stores": args.store}}}
-    if args.ndcg_floor is not None:
-        ops["retrieval_eval_ndcg_at_10_above_floor"] = {"config": {"floor": args.ndcg_floor}}
-    return ops
-
-
-def eval_report(result: Any) -> dict[str, Any] | None:
-    """The evaluation's figures and check verdicts, from the run's events."""
-    report: dict[str, Any] | None = None
-    checks: dict[str, dict[str, Any]] = {}
-    for event in result.all_events:
-        if event.event_type_value == "ASSET_MATERIALIZATION":
-            meta = {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
-            stores = [s for s in ("faiss", "milvus") if f"{s}_ndcg@10" in meta]
-            report = {
-                "queries": meta["queries"], "chunking": meta["chunking"], "aggregation": meta["aggregation"],
-                "stores": {s: {"ndcg@10": meta[f"{s}_ndcg@10"], "recall@100": meta[f"{s}_recall@100"],
-                               "mrr@10": meta[f"{s}_mrr@10"], "index_type": meta[f"{s}_index_type"]} for s in stores},
-                "faiss_milvus_top10_agreement": meta.get("faiss_milvus_top10_agreement"),
-                "queries_worse_than_previous": meta["queries_worse_than_previous"], "per_query": meta["path"],
-            }
-        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
-            evaluation = event.event_specific_data
-            checks[evaluation.check_name] = {"passed": evaluation.passed, "description": evaluation.description}
-    if report is not None:
-        report["checks"] = checks
-    return report
-
-
-def format_eval_report(name: str, report: dict[str, Any]) -> str:
-    rows = [["store", "index", "nDCG@10", "Recall@100", "MRR@10", "queries"]]
-    for store, figures in report["stores"].items():
-        rows.append([store, str(figures["index_type"]), f"{figures['ndcg@10']:.5f}", f"{figures['recall@100']:.5f}",
-                     f"{figures['mrr@10']:.5f}", str(report["queries"])])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"Retrieval quality of {name!r} ({report['chunking']} chunking, {report['aggregation']} over chunks)", ""]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    if report["faiss_milvus_top10_agreement"] is not None:
-        lines.append(f"\nFAISS and Milvus share the top-10 of {report['faiss_milvus_top10_agreement']:.2%} of queries")
-    lines.append(f"{report['queries_worse_than_previous']} queries got worse since the previous evaluation; "
-                 f"per-query scores: {report['per_query']}")
-    for check, verdict in sorted(report["checks"].items()):
-        lines.append(f"{'PASS' if verdict['passed'] else 'FAIL'}  {check}: {verdict['description']}")
-    return "\n".join(lines)
-
-
 def cmd_reexecute(args: argparse.Namespace) -> int:
     """Re-executes a run of one of Quiver's jobs, by default from its failure: finished steps' outputs are
     reused, the failed steps and what depends on them run again, with the parent's config and partition."""
     from dagster import DagsterInstance, ReexecutionOptions, execute_job, reconstructable
 
     from platform_defs.definitions import get_eval_job, get_index_job, get_ingest_job
-    from quiver.errors import ConfigError
+    from platform_defs.runs import failure_message
 
     factories = {"ingest_job": get_ingest_job, "index_job": get_index_job, "eval_job": get_eval_job}
     instance = DagsterInstance.get()
@@ -302,7 +167,7 @@ def cmd_reexecute(args: argparse.Namespace) -> int:
     print(f"run {result.run_id} re-executed {parent.job_name} {'from failure' if args.from_failure else 'in full'}"
           f" of {args.run_id}: {'succeeded' if result.success else 'failed'}; steps run: {', '.join(steps) or 'none'}")
     if not result.success:
-        print(f"!! {_failure_message(result)}", file=sys.stderr)
+        print(f"!! {failure_message(result)}", file=sys.stderr)
     return 0 if result.success else 1
 
 
@@ -310,12 +175,13 @@ def cmd_limits(args: argparse.Namespace) -> int:
     """This machine's concurrency limits per memory class, and the instance's pools."""
     from dagster import DagsterInstance
 
+    from platform_defs.footprint import forget_footprint
     from platform_defs.limits import apply_pools, current_limits
     from quiver.memory import format_size
+    from quiver.tables import aligned
 
-    pool = _resources()["model_pool"]
     if args.measure:
-        pool.footprint_file().unlink(missing_ok=True)
+        forget_footprint(_resources()["model_pool"])
     limits = current_limits()
     s = limits.settings
     if args.json:
@@ -325,10 +191,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
     else:
         print(f"memory available {format_size(s.available)} ({s.sources.get('available')}), budget "
               f"{format_size(s.budget)} ({s.sources.get('budget')}), {s.cores} cores")
-        rows = [["class", "need", "from", "share", "limit", "bound by", "pool"], *limits.rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print(aligned(["class", "need", "from", "share", "limit", "bound by", "pool"], limits.rows()))
         print(f"worst case, every class at its limit: {format_size(limits.worst_case())}")
     if args.apply:
         with DagsterInstance.get() as instance:
@@ -338,13 +201,19 @@ def cmd_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from platform_defs.cli_eval import evaluate
+
+    return evaluate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quiver", description="Documents to fresh vector indexes, on Dagster.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="materialize every source and the indexes (the main job)")
     run.add_argument("--source", action="append", help="only this source (repeatable); default: all")
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    run.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
                      help="console log level of the Dagster runs (default INFO)")
     run.add_argument("--config", metavar="FILE", help="run config YAML (ops, resources, execution), e.g. the "
                      "embed-and-insert settings of config/ingest.yaml")
@@ -355,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = source_sub.add_parser("add", help="register a directory of .md/.txt, a JSONL/Parquet file or BEIR dir")
     add.add_argument("name")
     add.add_argument("path")
-    add.add_argument("--kind", choices=["stdlib", "files", "jsonl", "parquet", "beir"])
-    add.add_argument("--chunking", choices=["tokens", "whole_document"], default="tokens",
+    add.add_argument("--kind", choices=SOURCE_KINDS)
+    add.add_argument("--chunking", choices=CHUNKING_STRATEGIES, default=DEFAULT_CHUNKING,
                      help="tokens: windows that fit the model (default); whole_document: one chunk per document, "
                           "truncated by the model, as MTEB encodes BEIR corpora")
     source_sub.add_parser("list")
@@ -374,14 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="retrieval quality of both indexes on a BEIR-format directory")
     ev.add_argument("path", help="a BEIR directory: corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv")
     ev.add_argument("--name", help="source name (default: the directory's name, with -whole for whole_document)")
-    ev.add_argument("--chunking", choices=["tokens", "whole_document"], default="tokens")
+    ev.add_argument("--chunking", choices=CHUNKING_STRATEGIES, default=DEFAULT_CHUNKING)
     ev.add_argument("--split", default="test")
     ev.add_argument("--aggregation", choices=["max", "sum", "mean"], default="max",
                     help="how a document's score comes from its chunks (default max)")
     ev.add_argument("--store", choices=["both", "faiss", "milvus"], default="both")
     ev.add_argument("--ndcg-floor", type=float, default=None, help="fail when nDCG@10 is below this")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
-    ev.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ev.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     ev.set_defaults(func=cmd_eval)
 
     rex = sub.add_parser("reexecute", help="re-execute a run, from its failure by default")
@@ -401,8 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prepare_environment()
-    from quiver.errors import QuiverError
-
     try:
         return int(args.func(args) or 0)
     except QuiverError as exc:

@@ -1,0 +1,85 @@
+"""What one embedding step needs in memory: measured once per machine and model configuration.
+
+The figure is the peak RSS of a fresh process that imports what an embedding step imports, loads the model
+and encodes one full batch at the model's window (`python -m platform_defs.footprint CONFIG` is that
+process). It is kept in `~/.cache/quiver/memory/` ($QUIVER_CACHE_DIR), so the concurrency limits can divide
+the memory budget by it without measuring again; `quiver limits --measure` measures it again.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from quiver.errors import ModelPoolError
+from quiver.settings import PROJECT_ROOT
+from resources.model_pool import ModelPool
+
+PROBE_ENV = "QUIVER_FOOTPRINT_PROBE"
+ESTIMATE = "estimated (weights x 2 + 400 MiB)"
+
+
+def footprint_file(pool: ModelPool) -> Path:
+    cache = Path(os.environ.get("QUIVER_CACHE_DIR") or Path.home() / ".cache" / "quiver")
+    return cache / "memory" / f"{pool.fingerprint()}-b{pool.batch_size}-l{pool.window_tokens()}.json"
+
+
+def estimated_footprint(pool: ModelPool) -> int:
+    path = Path(pool.model_path)
+    weights = sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.is_dir() else 0
+    return 2 * weights + 400 * 2**20
+
+
+def footprint(pool: ModelPool, measure: bool = True, log: Any = None) -> tuple[int, str]:
+    """Bytes one embedding step needs, and where the figure came from (measured on a date, or estimated)."""
+    file = footprint_file(pool)
+    if file.is_file():
+        recorded = json.loads(file.read_text())
+        return int(recorded["bytes"]), f"measured {recorded['measured']}"
+    if not measure or os.environ.get(PROBE_ENV):
+        return estimated_footprint(pool), f"{ESTIMATE}: not measured yet"
+    try:
+        measured = measure_footprint(pool)
+    except (ModelPoolError, OSError, subprocess.SubprocessError, ValueError) as exc:
+        if log is not None:  # an estimate keeps the limits conservative; the reason is said
+            log.warning(f"could not measure the model's memory footprint: {exc}")
+        return estimated_footprint(pool), f"{ESTIMATE}: measuring failed ({exc})"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")
+    tmp.write_text(json.dumps({"bytes": measured, "measured": time.strftime("%Y-%m-%d"), "model": pool.model}))
+    os.replace(tmp, file)
+    return measured, f"measured {time.strftime('%Y-%m-%d')}"
+
+
+def forget_footprint(pool: ModelPool) -> None:
+    footprint_file(pool).unlink(missing_ok=True)
+
+
+def measure_footprint(pool: ModelPool, timeout_s: float = 300) -> int:
+    """Peak RSS of a fresh process doing what an embedding step does with this pool's configuration."""
+    config = json.dumps({"model": pool.model, "batch_size": pool.batch_size, "max_seq_length": pool.max_seq_length,
+                         "normalize": pool.normalize})
+    env = {**os.environ, PROBE_ENV: "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    proc = subprocess.run([sys.executable, "-m", "platform_defs.footprint", config], capture_output=True, text=True,
+                          timeout=timeout_s, env=env, cwd=str(PROJECT_ROOT))
+    if proc.returncode != 0:
+        raise ModelPoolError(f"footprint probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(config: dict[str, Any]) -> int:
+    import resource
+
+    import assets.embed_pipeline  # noqa: F401 - what an embedding step imports besides the model
+
+    pool = ModelPool(**config)
+    window = pool.window_tokens()
+    pool.encode(["the quick brown fox jumps over the lazy dog " * (window // 4)] * pool.batch_size)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+if __name__ == "__main__":
+    print(_probe(json.loads(sys.argv[1])))
