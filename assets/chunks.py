@@ -18,6 +18,7 @@ from assets.common import (
 )
 from quiver.chunking import Chunk, ChunkSettings, chunk_documents
 from quiver.errors import ConfigError
+from quiver.names import CHUNKING_STRATEGIES
 from resources.fileref import FileRef, FileStore
 from resources.model_pool import ModelPool
 from resources.sources import SourceRegistry
@@ -38,7 +39,7 @@ CHUNKS_SCHEMA = pa.schema([
 
 
 class ChunksConfig(Config):
-    strategy: Literal["source", "tokens", "whole_document"] = Field(
+    strategy: Literal[("source", *CHUNKING_STRATEGIES)] = Field(  # type: ignore[valid-type]
         default="source", description="source: the strategy the source was registered with (tokens unless said); "
         "tokens: windows that fit the model; whole_document: title + text, truncated by the model (as MTEB).")
     chunk_tokens: int | None = Field(default=None, ge=1, description="Tokens per chunk, special tokens and title "

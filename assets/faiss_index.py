@@ -193,4 +193,4 @@ def _faiss_held(faiss_store: FaissStore, skipped: set[str]) -> HeldVectors:
 
 
 faiss_index_matches_chunks = reconciliation_check(faiss_index, "faiss_index_matches_chunks", "FAISS", "faiss_store",
-                                                  _faiss_held)
+                                                  _faiss_held, holder="The current FAISS version")

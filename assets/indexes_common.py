@@ -24,7 +24,7 @@ from dagster import (
 from assets.common import fail_fast_unless_transient, memory_class
 from quiver.errors import QuiverError
 from quiver.hashing import KeyDigest, vector_id, vector_key
-from quiver.vectors import KEY_COLUMNS
+from quiver.vectors import KEY_COLUMNS, key_pairs
 from resources.fileref import FileRef, FileStore
 from resources.fileref_io import SKIP_MISSING_PARTITIONS, PartitionRefs
 
@@ -54,7 +54,7 @@ def partition_digest(store: FileStore, ref: FileRef) -> str:
         return str(cached["digest"])
     digest = KeyDigest()
     for batch in store.iter_batches(ref, 65536, columns=KEY_COLUMNS):
-        digest.update(zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(), strict=True))
+        digest.update(key_pairs(batch))
     store.cache_put(["_digests"], None, ref.sha256, {"digest": digest.hexdigest()})
     return digest.hexdigest()
 
@@ -101,8 +101,7 @@ def diff_index(store: FileStore, embeddings: Mapping[str, FileRef], held: Mappin
     for partition, ref in sorted(embeddings.items()):
         writes: set[int] = set()
         for batch in store.iter_batches(ref, 65536, columns=KEY_COLUMNS):
-            for vid, key in zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(),
-                                strict=True):
+            for vid, key in key_pairs(batch):
                 if vid in diff.desired:
                     raise QuiverError(f"vector id {vid} occurs twice (partitions {owner[vid]!r} and {partition!r}): "
                                       "two chunks with one id cannot both be indexed")
@@ -235,7 +234,7 @@ class HeldVectors:
 
 
 def reconciliation_check(asset_def: AssetsDefinition, name: str, store_name: str, resource_key: str,
-                         held: Callable[[Any, set[str]], HeldVectors]) -> AssetChecksDefinition:
+                         held: Callable[[Any, set[str]], HeldVectors], holder: str) -> AssetChecksDefinition:
     """The blocking check that a store holds exactly one vector per current chunk of every source the index
     could take: none missing, none stale or out of date, none twice. `held(store resource, skipped sources)`
     reads the store."""
@@ -244,8 +243,8 @@ def reconciliation_check(asset_def: AssetsDefinition, name: str, store_name: str
                  required_resource_keys={"store", "model_pool", resource_key},
                  additional_ins={"chunks": AssetIn("chunks", metadata={SKIP_MISSING_PARTITIONS: True}),
                                  "embeddings": AssetIn("embeddings", metadata={SKIP_MISSING_PARTITIONS: True})},
-                 description=f"The {store_name} store holds exactly one vector per current chunk: none missing, "
-                             "none stale or out of date, none twice.", **memory_class("io"))
+                 description=f"{holder} holds exactly one vector per current chunk: none missing, none stale "
+                             "or out of date, none twice.", **memory_class("io"))
     @fail_fast_unless_transient
     def check(context: AssetCheckExecutionContext, chunks: PartitionRefs,
               embeddings: PartitionRefs) -> AssetCheckResult:

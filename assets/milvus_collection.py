@@ -136,4 +136,5 @@ def _milvus_held(milvus: MilvusStore, skipped: set[str]) -> HeldVectors:
 
 
 milvus_collection_matches_chunks = reconciliation_check(milvus_collection, "milvus_collection_matches_chunks",
-                                                        "Milvus", "milvus", _milvus_held)
+                                                        "Milvus", "milvus", _milvus_held,
+                                                        holder="The Milvus collection")

@@ -53,6 +53,7 @@ from quiver.retrieval import (
     search_documents,
     top_k_agreement,
 )
+from quiver.tables import markdown
 from resources.faiss_store import FaissStore
 from resources.fileref import FileRef, FileStore
 from resources.milvus_store import MilvusStore
@@ -174,12 +175,12 @@ def worse_than_before(before: pa.Table | None, now: pa.Table, limit: int = 20) -
 
 
 def summary_markdown(evaluations: dict[str, StoreEvaluation], queries: int) -> str:
-    lines = ["| store | nDCG@10 | Recall@100 | MRR@10 | queries |", "|---|---|---|---|---|"]
+    rows = []
     for store, evaluation in evaluations.items():
         means = evaluation.means()
-        lines.append(f"| {store} | {means['ndcg@10']:.5f} | {means['recall@100']:.5f} | {means['mrr@10']:.5f} "
-                     f"| {queries} |")
-    return "\n".join(lines)
+        rows.append([store, f"{means['ndcg@10']:.5f}", f"{means['recall@100']:.5f}", f"{means['mrr@10']:.5f}",
+                     queries])
+    return markdown(["store", "nDCG@10", "Recall@100", "MRR@10", "queries"], rows)
 
 
 def _table_metadata(evaluations: dict[str, StoreEvaluation], queries: int) -> MetadataValue:

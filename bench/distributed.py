@@ -80,7 +80,7 @@ def start_worker(name: str, queues: list[str], concurrency: int, env: dict[str, 
 def backfill(mode: str, files: list[Path], work: Path) -> dict[str, Any]:
     from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
-    from tests.helpers import MilvusServer
+    from bench.milvus_server import MilvusServer
 
     url, drop = fresh_database()
     home = work / f"home-{mode}"

@@ -65,7 +65,7 @@ def latencies(search: Any, pool: Any, queries: list[str], vectors: np.ndarray, d
 
 def evaluate_mode(res: dict[str, Any], instance: Any, name: str, path: str, chunking: str,
                   args: argparse.Namespace) -> list[dict[str, Any]]:
-    from assets.retrieval_eval import evaluate_stores, store_searches
+    from assets.retrieval_eval import RetrievalEvalConfig, evaluate_stores, store_searches
     from quiver.beir import read_relevance_data
     from quiver.retrieval import mean_metrics, recall_against
     from resources.faiss_store import FaissStore
@@ -89,7 +89,7 @@ def evaluate_mode(res: dict[str, Any], instance: Any, name: str, path: str, chun
         evaluated = materialize(res, instance, ["retrieval_eval"], name, {"ops": {"retrieval_eval": {"config": {
             "stores": "both" if index_type == "flat" else "faiss"}}}})["retrieval_eval"]
         searches = store_searches(name, stores, res["faiss_store"], res["milvus"])
-        rankings = evaluate_stores(relevance, vectors, searches, 100, "max", 256)
+        rankings = evaluate_stores(relevance, vectors, searches, 100, "max", RetrievalEvalConfig().query_batch_size)
         for store in stores:
             means = mean_metrics(rankings[store].per_query)
             assert abs(means["ndcg@10"] - evaluated[f"{store}_ndcg@10"]) < 1e-6

@@ -180,6 +180,8 @@ def tables(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    from assets.embeddings import EmbeddingsConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", action="append", choices=["scifact", "stdlib"],
                         help="corpora to run (default: both)")
@@ -187,10 +189,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=0, help="texts per forward pass (default: the pool's)")
-    parser.add_argument("--texts-per-batch", type=int, default=256)
-    parser.add_argument("--preprocess-workers", type=int, default=1)
-    parser.add_argument("--queue-maxsize", type=int, default=4)
-    parser.add_argument("--insert-batch-size", type=int, default=512)
+    parser.add_argument("--texts-per-batch", type=int, default=EmbeddingsConfig().texts_per_batch)
+    defaults = EmbeddingsConfig()
+    parser.add_argument("--preprocess-workers", type=int, default=defaults.preprocess_workers)
+    parser.add_argument("--queue-maxsize", type=int, default=defaults.queue_maxsize)
+    parser.add_argument("--insert-batch-size", type=int, default=defaults.insert_batch_size)
     parser.add_argument("--skip-incremental", action="store_true")
     parser.add_argument("--table-from", type=Path, help="print the tables of a saved results file, and exit")
     args = parser.parse_args()

@@ -8,6 +8,7 @@ with those limits as its tag concurrency limits. A step process killed by SIGKIL
 memory class, whether the kernel's OOM killer did it, and the limits that were in force.
 """
 
+import multiprocessing
 import os
 import signal
 from collections import Counter
@@ -27,7 +28,7 @@ from dagster import (
 
 from platform_defs.limits import apply_pools, current_limits, manage_pools
 from quiver.errors import QuiverError
-from quiver.memory import MEMORY_TAG, Limits, format_size, preflight
+from quiver.memory import MEMORY_TAG, explain_kill, oom_kills, preflight
 
 DEFINITIONS_MODULE = "platform_defs.definitions"
 PRELOAD_MODULE = "platform_defs.preload"
@@ -38,38 +39,16 @@ class MemoryPreflightError(QuiverError):
     """A run whose steps cannot fit in the memory available: refused before any step started."""
 
 
-def oom_kills() -> int | None:
-    """The kernel's count of processes it killed for memory (Linux), or None where it is not known."""
-    try:
-        with open("/proc/vmstat", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def explain_kill(step_key: str, memory_class: str | None, limits: Limits, kills_before: int | None,
-                 kills_now: int | None) -> str:
-    by_kernel = kills_before is not None and kills_now is not None and kills_now > kills_before
-    cause = (f"killed by the kernel for lack of memory (OOM killer: {kills_now - kills_before} kill(s) during this "
-             f"run)" if by_kernel else "killed by SIGKILL, but the kernel's OOM-kill count did not change: something "
-                                       "else killed it")
-    klass = limits.classes.get(memory_class or "")
-    need = f", which needs {format_size(klass.need)} a step" if klass else ""
-    return (f"step {step_key} (memory class {memory_class or 'untagged'}{need}) was {cause}. Limits in force: "
-            + "; ".join(f"{c.memory_class} {c.limit}" for c in limits.classes.values())
-            + f"; budget {format_size(limits.settings.budget)} of {format_size(limits.settings.available)} available. "
-              "Lower the concurrency or the batch size, or raise the need of this class "
-              f"(QUIVER_MEMORY_NEED_{(memory_class or 'model').upper()}).")
-
-
 def _multiprocess(init_context: InitExecutorContext, config: dict[str, Any]) -> Executor:
     """Dagster's multiprocess executor, created through its own executor definition with this config."""
     return multiprocess_executor.executor_creation_fn(InitExecutorContext(  # type: ignore[misc]
         job=init_context.job, executor_def=multiprocess_executor, executor_config=config,
         instance=init_context.instance))
+
+
+def default_max_concurrent() -> int:
+    """What Dagster's multiprocess executor runs at once when not told: its environment variable, else the CPUs."""
+    return int(os.environ.get("DAGSTER_MULTIPROCESS_EXECUTOR_MAX_CONCURRENT") or multiprocessing.cpu_count())
 
 
 class MemoryBoundExecutor(Executor):
@@ -85,12 +64,13 @@ class MemoryBoundExecutor(Executor):
         return self._base.retries
 
     def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[DagsterEvent]:
-        limits = current_limits()
+        limits = current_limits(log=plan_context.log)
         memory_class_of = {key: execution_plan.get_step_by_key(key).tags.get(MEMORY_TAG)
                            for key in execution_plan.step_keys_to_execute}
         counts = Counter(c for c in memory_class_of.values() if c)
-        max_concurrent = self._config.get("max_concurrent") or os.cpu_count() or 1
-        check = preflight(limits, counts, max_concurrent, limits.settings.available, limits.settings.fraction)
+        check = preflight(limits, counts, self._config.get("max_concurrent") or default_max_concurrent(),
+                          limits.settings.available, limits.settings.fraction)
+        # Log lines of the run (an engine event's metadata needs a private Dagster type): the figures are in them.
         plan_context.log.info(limits.describe())
         plan_context.log.info(check.message)
         if check.refused:
@@ -106,8 +86,9 @@ class MemoryBoundExecutor(Executor):
             yield event
             if (event.event_type == DagsterEventType.ENGINE_EVENT and event.step_key and event.message
                     and event.message.startswith(CRASH_PREFIX) and f"signal {signal.SIGKILL.value} " in event.message):
-                plan_context.log.error(explain_kill(event.step_key, memory_class_of.get(event.step_key), limits,
-                                                    kills_before, oom_kills()))
+                step = plan_context.for_step(execution_plan.get_step_by_key(event.step_key))
+                step.log.error(explain_kill(event.step_key, memory_class_of.get(event.step_key), limits,
+                                            kills_before, oom_kills()))
 
 
 def quiver_executor(preload_model: bool = True, preload: tuple[str, ...] = (DEFINITIONS_MODULE,)):  # noqa: ANN201

@@ -1,12 +1,14 @@
 """What one embedding step needs in memory: measured once per machine and model configuration.
 
-The figure is the peak RSS of a fresh process that imports what an embedding step imports, loads the model
-and encodes one full batch at the model's window (`python -m platform_defs.footprint CONFIG` is that
-process). It is kept in `~/.cache/quiver/memory/` ($QUIVER_CACHE_DIR), so the concurrency limits can divide
-the memory budget by it without measuring again; `quiver limits --measure` measures it again.
+The figure is the peak RSS of a fresh process that imports what an embedding step process holds (the
+definitions, which the forkserver preloads, and the embed-and-insert stages), loads the model and encodes
+one full batch at the model's window (`python platform_defs/footprint.py CONFIG` is that process). It is
+kept in `~/.cache/quiver/memory/` ($QUIVER_CACHE_DIR), so the concurrency limits divide the memory budget
+by it without measuring again; `quiver limits --measure` measures it again.
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from quiver.settings import PROJECT_ROOT
 from resources.model_pool import ModelPool
 
 PROBE_ENV = "QUIVER_FOOTPRINT_PROBE"
+_log = logging.getLogger("quiver.footprint")
 ESTIMATE = "estimated (weights x 2 + 400 MiB)"
 
 
@@ -33,7 +36,7 @@ def estimated_footprint(pool: ModelPool) -> int:
     return 2 * weights + 400 * 2**20
 
 
-def footprint(pool: ModelPool, measure: bool = True, log: Any = None) -> tuple[int, str]:
+def footprint(pool: ModelPool, measure: bool = True, log: Any = _log) -> tuple[int, str]:
     """Bytes one embedding step needs, and where the figure came from (measured on a date, or estimated)."""
     file = footprint_file(pool)
     if file.is_file():
@@ -43,9 +46,8 @@ def footprint(pool: ModelPool, measure: bool = True, log: Any = None) -> tuple[i
         return estimated_footprint(pool), f"{ESTIMATE}: not measured yet"
     try:
         measured = measure_footprint(pool)
-    except (ModelPoolError, OSError, subprocess.SubprocessError, ValueError) as exc:
-        if log is not None:  # an estimate keeps the limits conservative; the reason is said
-            log.warning(f"could not measure the model's memory footprint: {exc}")
+    except Exception as exc:  # noqa: BLE001 - an estimate keeps the limits conservative; the reason is said
+        log.warning(f"could not measure the model's memory footprint: {exc}")
         return estimated_footprint(pool), f"{ESTIMATE}: measuring failed ({exc})"
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")
@@ -62,18 +64,21 @@ def measure_footprint(pool: ModelPool, timeout_s: float = 300) -> int:
     """Peak RSS of a fresh process doing what an embedding step does with this pool's configuration."""
     config = json.dumps({"model": pool.model, "batch_size": pool.batch_size, "max_seq_length": pool.max_seq_length,
                          "normalize": pool.normalize})
-    env = {**os.environ, PROBE_ENV: "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    proc = subprocess.run([sys.executable, "-m", "platform_defs.footprint", config], capture_output=True, text=True,
-                          timeout=timeout_s, env=env, cwd=str(PROJECT_ROOT))
-    if proc.returncode != 0:
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, PROBE_ENV: "1", "PYTHONPATH": path, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    proc = subprocess.run([sys.executable, __file__, config], capture_output=True, text=True, timeout=timeout_s,
+                          env=env, cwd=str(PROJECT_ROOT))
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
         raise ModelPoolError(f"footprint probe failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return int(proc.stdout.strip().splitlines()[-1])
+    return int(lines[-1])
 
 
 def _probe(config: dict[str, Any]) -> int:
     import resource
 
-    import assets.embed_pipeline  # noqa: F401 - what an embedding step imports besides the model
+    import assets.embed_pipeline  # noqa: F401 - what an embedding step holds besides the model
+    import platform_defs.definitions  # noqa: F401 - preloaded by the forkserver every step forks from
 
     pool = ModelPool(**config)
     window = pool.window_tokens()

@@ -17,7 +17,8 @@ MANAGE_POOLS_ENV = "QUIVER_MANAGE_POOLS"
 
 def current_limits(measure: bool = True, log: Any = None) -> Limits:
     """Limits from the machine's available memory, the model's measured footprint and the environment."""
-    need, source = footprint(build_resources(resolve_env=True)["model_pool"], measure=measure, log=log)
+    pool = build_resources(resolve_env=True)["model_pool"]
+    need, source = footprint(pool, measure=measure, log=log) if log else footprint(pool, measure=measure)
     return compute_limits(memory_settings(need, source))
 
 

@@ -1,11 +1,12 @@
-"""Automation: an inbox sensor that turns files into sources, and the nightly maintenance schedules.
+"""Automation: an inbox sensor that turns files into sources, and the sensor that keeps the indexes fresh.
 
 The sensor watches a directory. A new file (or directory) adds its source partition and requests an
 ingest run for it; a file whose content hash changed requests a run for its partition only; a file that
 disappeared removes its partition and requests an index run, which deletes its vectors from FAISS and
 Milvus. The cursor records the content hash of each file the sensor has acted on, so ticks are
 idempotent, and a burst of files gives one run per partition. The index assets follow the ingest runs
-by their eager automation condition.
+by their eager automation condition, which `index_automation_sensor` evaluates. Both act only while
+`dagster-daemon run` runs.
 """
 
 import json

@@ -16,12 +16,10 @@ from upath import UPath
 
 from quiver.errors import InputError, QuiverError
 from quiver.names import SOURCE_NAME
-from quiver.sources import detect_kind, source_fingerprint
+from quiver.sources import FILE_SUFFIXES, detect_kind, source_fingerprint
 
 # Names of files still being written by a downloader or an editor: never sources.
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".swp")
-# Suffixes stripped from a file's name to name its source (the longest first).
-NAME_SUFFIXES = (".jsonl.gz", ".jsonl", ".ndjson", ".parquet")
 
 
 class InboxUnavailableError(QuiverError):
@@ -51,7 +49,7 @@ def source_name(entry_name: str) -> str | None:
     """The source name of an inbox entry: its name without the source suffix, in the allowed characters."""
     lowered = entry_name.lower()
     stem = entry_name
-    for suffix in NAME_SUFFIXES:
+    for suffix in FILE_SUFFIXES:
         if lowered.endswith(suffix):
             stem = entry_name[: -len(suffix)]
             break

@@ -207,3 +207,30 @@ def preflight(limits: Limits, step_counts: Mapping[str, int], max_concurrent: in
                      f" but only {format_size(allowed)} may be used now ({format_size(available_now)} available, "
                      f"budget {format_size(limits.settings.budget)}): {format_size(one - allowed)} missing. "
                      f"Free memory, or lower the need with {env_need(largest or 'model')} if you know better.")
+
+
+def oom_kills() -> int | None:
+    """The kernel's count of processes it killed for memory (Linux), or None where it is not known."""
+    try:
+        with open("/proc/vmstat", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def explain_kill(step_key: str, memory_class: str | None, limits: Limits, kills_before: int | None,
+                 kills_now: int | None) -> str:
+    by_kernel = kills_before is not None and kills_now is not None and kills_now > kills_before
+    cause = (f"killed by the kernel for lack of memory (OOM killer: {kills_now - kills_before} kill(s) during this "
+             f"run)" if by_kernel else "killed by SIGKILL, but the kernel's OOM-kill count did not change: something "
+                                       "else killed it")
+    klass = limits.classes.get(memory_class or "")
+    need = f", which needs {format_size(klass.need)} a step" if klass else ""
+    return (f"step {step_key} (memory class {memory_class or 'untagged'}{need}) was {cause}. Limits in force: "
+            + "; ".join(f"{c.memory_class} {c.limit}" for c in limits.classes.values())
+            + f"; budget {format_size(limits.settings.budget)} of {format_size(limits.settings.available)} available. "
+              "Lower the concurrency or the batch size, or raise the need of this class "
+              f"({env_need(memory_class or 'model')}).")

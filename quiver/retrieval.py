@@ -42,14 +42,16 @@ def rank_documents(chunk_hits: Sequence[tuple[str, float]], aggregation: Aggrega
 
 def top_documents(hits: Sequence[Hit], k: int, document: Callable[[Hit], str], score: Callable[[Hit], float],
                   aggregation: Aggregation = "max") -> list[tuple[Hit, float]]:
-    """The k best documents among chunk hits, ranked as `rank_documents` ranks them: each with its best chunk
-    and the document's score."""
+    """The k best documents among chunk hits (best first), each with its best chunk and the document's score
+    (`rank_documents`' aggregation); documents of equal score keep the order the store returned them in."""
     best: dict[str, Hit] = {}
     for hit in hits:
         if document(hit) not in best or score(hit) > score(best[document(hit)]):
             best[document(hit)] = hit
-    ranked = rank_documents([(document(h), score(h)) for h in hits], aggregation)
-    return [(best[doc], value) for doc, value in ranked[:k]]
+    scores = dict(rank_documents([(document(h), score(h)) for h in hits], aggregation))
+    first_seen = {doc: position for position, doc in enumerate(dict.fromkeys(document(h) for h in hits))}
+    ranked = sorted(scores, key=lambda doc: (-scores[doc], first_seen[doc]))
+    return [(best[doc], scores[doc]) for doc in ranked[:k]]
 
 
 def search_documents(search: ChunkSearch, queries: np.ndarray, depth: int, chunks_in_index: int,

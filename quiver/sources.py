@@ -23,6 +23,9 @@ from quiver.hashing import document_hash
 SourceKind = Literal["stdlib", "files", "jsonl", "parquet", "beir"]
 SOURCE_KINDS: tuple[str, ...] = ("stdlib", "files", "jsonl", "parquet", "beir")
 TEXT_SUFFIXES = (".md", ".markdown", ".txt", ".rst")
+# A file that is a source by itself, by the end of its name (the longest first).
+FILE_SUFFIXES: dict[str, SourceKind] = {".jsonl.gz": "jsonl", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                                        ".parquet": "parquet"}
 # Parts of the stdlib tree that are tests, demos or vendored code rather than documentation.
 STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "ensurepip",
@@ -70,10 +73,9 @@ def detect_kind(path: str) -> SourceKind:
             return "beir"
         return "files"
     name = p.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return "jsonl"
-    if name.endswith(".parquet"):
-        return "parquet"
+    for suffix, kind in FILE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
     if not p.exists():
         raise InputError(path, "no such file or directory")
     raise InputError(path, "cannot tell the source kind: use a directory of .md/.txt files, "

@@ -7,7 +7,7 @@ vector key (which model made it from which exact text).
 """
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -20,13 +20,16 @@ MILVUS_MAX_TOPK = 16384
 MILVUS_MAX_VARCHAR = 65535
 
 
+SNIPPET_CHARS = 2000  # what Milvus keeps of a title or a text: enough to show a result
+
+
 @dataclass(frozen=True)
 class PayloadField:
     """A column kept beside each vector; `max_bytes` is its bound in Milvus (None: an int64)."""
 
     name: str
     max_bytes: int | None
-    cut: bool = False  # longer values are cut to max_bytes in Milvus (text that only serves as a snippet)
+    snippet: bool = False  # Milvus keeps its first SNIPPET_CHARS only (text that only serves to show a result)
 
 
 PAYLOAD = (
@@ -34,12 +37,11 @@ PAYLOAD = (
     PayloadField("chunk_id", MILVUS_MAX_VARCHAR),
     PayloadField("doc_id", MILVUS_MAX_VARCHAR),
     PayloadField("source", 512),
-    PayloadField("title", 8192, cut=True),
-    PayloadField("text", 8192, cut=True),
+    PayloadField("title", 8192, snippet=True),  # 2000 characters are at most 8000 bytes
+    PayloadField("text", MILVUS_MAX_VARCHAR, snippet=True),
     PayloadField("vector_key", 64),
 )
 PAYLOAD_COLUMNS = tuple(f.name for f in PAYLOAD)
-HIT_FIELDS = ("chunk_id", "doc_id", "source", "title", "text")  # what a search hit carries
 KEY_COLUMNS = ["vector_id", "vector_key"]
 CHUNK_COLUMNS = ["chunk_id", "doc_id", "title", "text", "chunk_hash"]  # what embedding reads of the chunks
 
@@ -69,6 +71,11 @@ def embeddings_batch(chunk_batch: pa.RecordBatch, vectors: np.ndarray, source: s
     }
     return pa.RecordBatch.from_arrays([columns[name] if name in columns else chunk_batch.column(name)
                                        for name in schema.names], schema=schema)
+
+
+def key_pairs(batch: pa.RecordBatch | pa.Table) -> Iterator[tuple[int, str]]:
+    """(vector id, vector key) of each row."""
+    return zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(), strict=True)
 
 
 def vectors_of(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
@@ -107,9 +114,8 @@ class SearchHit:
         return " ".join(body.split())[:chars]
 
 
-def _cut(value: str, max_bytes: int) -> str:
-    encoded = value.encode("utf-8")
-    return value if len(encoded) <= max_bytes else encoded[:max_bytes].decode("utf-8", errors="ignore")
+# What a search hit carries besides its score and id (the payload a store returns with it).
+HIT_FIELDS = tuple(f.name for f in fields(SearchHit) if f.name not in ("score", "vector_id"))
 
 
 def rows_for_milvus(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
@@ -120,7 +126,7 @@ def rows_for_milvus(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
         row: dict[str, Any] = {"id": columns["vector_id"][i], "vector": vectors[i].tolist()}
         for f in PAYLOAD[1:]:
             value = columns[f.name][i]
-            row[f.name] = _cut(value, f.max_bytes) if f.cut and f.max_bytes else value
+            row[f.name] = value[:SNIPPET_CHARS] if f.snippet else value
         yield row
 
 

@@ -25,7 +25,7 @@ from upath import UPath
 from quiver.retry import RetrySettings, call_with_retries
 from quiver.segments import SegmentStore
 from quiver.settings import default_storage_root
-from resources.env import env_value, from_env
+from resources.env import env_set, env_value, from_env
 
 ENTRY_MAGIC = b"QVE1"
 _ENTRY_HEADER = struct.Struct("<4sI")  # magic, dimension
@@ -175,7 +175,7 @@ class EmbeddingCache(ConfigurableResource):
 
     l1_enabled: bool = True
     l1_max_bytes: int = Field(default=256 * 2**20, description="In-process LRU size in bytes.")
-    l2_enabled: bool = Field(default_factory=lambda: bool(os.environ.get("QUIVER_REDIS_URL")),
+    l2_enabled: bool = Field(default_factory=env_set("QUIVER_REDIS_URL"),
                              description="Redis level; needs redis_url. On when QUIVER_REDIS_URL is set.")
     redis_url: str = Field(default_factory=from_env("QUIVER_REDIS_URL"),
                            description="redis://host:6379/0 (QUIVER_REDIS_URL, kept out of the UI).")

@@ -13,9 +13,15 @@ from typing import Any
 from dagster import EnvVar
 
 
-def from_env(variable: str, default: str = "") -> Callable[[], str]:
-    """A resource field's default_factory: the variable's value when the resource is built."""
-    return lambda: os.environ.get(variable) or default
+def from_env(variable: str, default: str | Callable[[], str] = "") -> Callable[[], str]:
+    """A resource field's default_factory: the variable's value when the resource is built, else the default
+    (or what a default function returns then)."""
+    return lambda: os.environ.get(variable) or (default() if callable(default) else default)
+
+
+def env_set(variable: str) -> Callable[[], bool]:
+    """A boolean field's default_factory: whether the variable is set to anything."""
+    return lambda: bool(os.environ.get(variable))
 
 
 def env_flag(variable: str) -> Callable[[], bool]:

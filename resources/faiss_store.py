@@ -30,7 +30,7 @@ from quiver.atomic import atomic_replace, is_local, write_text_atomic
 from quiver.errors import QuiverError
 from quiver.settings import default_storage_root
 from quiver.vector_index import IndexSettings, build_index, search_index
-from quiver.vectors import HIT_FIELDS, PAYLOAD_COLUMNS, SearchHit, empty_payload
+from quiver.vectors import HIT_FIELDS, KEY_COLUMNS, PAYLOAD_COLUMNS, SearchHit, empty_payload, key_pairs
 
 CURRENT_POINTER = "CURRENT"
 
@@ -309,18 +309,15 @@ class FaissStore(ConfigurableResource):
             return {}
         wanted = pa.array(sorted(sources), pa.string())
         found: dict[int, str] = {}
-        for batch in self.iter_payload(version, columns=["vector_id", "vector_key", "source"]):
-            batch = batch.filter(pc.is_in(batch.column("source"), value_set=wanted))
-            found.update(zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(),
-                             strict=True))
+        for batch in self.iter_payload(version, columns=[*KEY_COLUMNS, "source"]):
+            found.update(key_pairs(batch.filter(pc.is_in(batch.column("source"), value_set=wanted))))
         return found
 
     def payload_keys(self, version: str) -> dict[int, str]:
         """{vector id: vector key} of a version, from its payload."""
         found: dict[int, str] = {}
-        for batch in self.iter_payload(version, columns=["vector_id", "vector_key"]):
-            found.update(zip(batch.column("vector_id").to_pylist(), batch.column("vector_key").to_pylist(),
-                             strict=True))
+        for batch in self.iter_payload(version, columns=KEY_COLUMNS):
+            found.update(key_pairs(batch))
         return found
 
     def _prune(self, keep: str) -> None:

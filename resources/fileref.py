@@ -1,8 +1,9 @@
 """FileRefs: stages hand each other references to Parquet files, not data.
 
 A FileStore writes Parquet atomically (temp file + rename) at a content-addressed path that includes
-the asset key and partition; the FileRefIOManager records and hands out the reference, and checks on
-every load that it points inside the storage root and that the file still has its hash.
+the asset key and partition, keeps each partition's latest reference and the stage caches, and checks a
+reference before it is read: inside the storage root, and the file still has its hash. (The IO manager
+that hands references between stages is resources/fileref_io.py.)
 """
 
 import hashlib

@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from filelock import FileLock, Timeout
@@ -20,17 +21,54 @@ from quiver.atomic import write_text_atomic
 
 _log = logging.getLogger("quiver.milvus")
 
-CLIENTS: dict[tuple[str, str, str], Any] = {}
-LOCK = threading.Lock()
-LOADED_COLLECTIONS: set[tuple[str, str, str]] = set()
+_CLIENTS: dict[tuple[str, str, str], Any] = {}
+_LOCK = threading.Lock()
+_LOADED: set[tuple[str, str, str]] = set()  # (uri, database, collection) this process has loaded
+
+
+def client_for(key: tuple[str, str, str], connect: Callable[[], Any]) -> Any:
+    """This process's client for (uri, token, database), connected on first use."""
+    with _LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = connect()
+        return client
+
+
+def forget_client(key: tuple[str, str, str], collection: str) -> None:
+    """Drop a client that failed (a reconnect follows); a server's connection is closed."""
+    with _LOCK:
+        client = _CLIENTS.pop(key, None)
+        _LOADED.discard((key[0], key[2], collection))
+    if client is not None and "://" in key[0]:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - the connection is being replaced anyway
+            pass
+
+
+def loaded(client: Any, uri: str, database: str, collection: str) -> Any:
+    """The client, with the collection loaded for search and query once per process (a new one finds it
+    released)."""
+    key = (uri, database, collection)
+    if key not in _LOADED:
+        client.load_collection(collection)
+        with _LOCK:
+            _LOADED.add(key)
+    return client
+
+
+def forget_loaded(uri: str, database: str, collection: str) -> None:
+    with _LOCK:
+        _LOADED.discard((uri, database, collection))
 
 
 def close_milvus_clients(uri: str | None = None) -> None:
     """Release this process's Milvus connections (of one URI, or all); a Milvus Lite database is closed and
     its lock released, so that another process can open it (Lite admits one process at a time)."""
-    with LOCK:
-        for key in [k for k in CLIENTS if uri is None or k[0] == uri]:
-            client = CLIENTS.pop(key)
+    with _LOCK:
+        for key in [k for k in _CLIENTS if uri is None or k[0] == uri]:
+            client = _CLIENTS.pop(key)
             try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing is best effort
@@ -42,8 +80,8 @@ def close_milvus_clients(uri: str | None = None) -> None:
                     server_manager_instance.release_server(key[0])
                 except Exception:  # noqa: BLE001 - an older milvus-lite, or nothing to release
                     pass
-        for loaded in [k for k in LOADED_COLLECTIONS if uri is None or k[0] == uri]:
-            LOADED_COLLECTIONS.discard(loaded)
+        for done in [k for k in _LOADED if uri is None or k[0] == uri]:
+            _LOADED.discard(done)
         for path in [p for p in _LITE_LOCKS if uri is None or p == _lock_path(uri)]:
             lock = _LITE_LOCKS.pop(path)
             lock.release(force=True)
@@ -71,7 +109,7 @@ def hold_lite(uri: str, wait: bool, log: Any = None) -> bool:
     for as long as another process works with it, logging who holds it every 30 s; without, returns False
     at once when it is taken."""
     path = _lock_path(uri)
-    with LOCK:
+    with _LOCK:
         lock = _LITE_LOCKS.get(path)
         if lock is not None and lock.is_locked:
             return True

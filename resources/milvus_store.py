@@ -29,7 +29,15 @@ from quiver.vectors import (
     source_filter,
 )
 from resources.env import env_flag, env_value, from_env
-from resources.milvus_clients import CLIENTS, LOADED_COLLECTIONS, LOCK, close_milvus_clients, hold_lite, lite_holder
+from resources.milvus_clients import (
+    client_for,
+    close_milvus_clients,
+    forget_client,
+    forget_loaded,
+    hold_lite,
+    lite_holder,
+    loaded,
+)
 
 T = TypeVar("T")
 # Collection property prefix of the per-source exact marks (property value: that source's KeyDigest).
@@ -77,12 +85,7 @@ class MilvusStore(ConfigurableResource):
         key = (self.uri, env_value(self.token), self.db_name)
         if self.is_lite:
             hold_lite(self.uri, wait=True, log=get_dagster_logger())
-        with LOCK:
-            client = CLIENTS.get(key)
-            if client is None:
-                client = self._connect()
-                CLIENTS[key] = client
-            return client
+        return client_for(key, self._connect)
 
     def busy_reason(self) -> str | None:
         """Why this process cannot write now without waiting (a Milvus Lite database another process holds),
@@ -163,32 +166,20 @@ class MilvusStore(ConfigurableResource):
                              deadline_s=self.retry_deadline_s)
 
     def _forget_client(self) -> None:
-        with LOCK:
-            client = CLIENTS.pop((self.uri, env_value(self.token), self.db_name), None)
-            LOADED_COLLECTIONS.discard((self.uri, self.db_name, self.collection))
-        if client is not None and "://" in self.uri:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - the connection is being replaced anyway
-                pass
+        forget_client((self.uri, env_value(self.token), self.db_name), self.collection)
 
     def drop(self) -> None:
         """Drop the collection (and forget that this process had it loaded)."""
         self._call("drop collection", lambda c: c.drop_collection(self.collection) if c.has_collection(
             self.collection) else None)
-        with LOCK:
-            LOADED_COLLECTIONS.discard((self.uri, self.db_name, self.collection))
+        forget_loaded(self.uri, self.db_name, self.collection)
 
     def exists(self) -> bool:
         return bool(self._call("has_collection", lambda c: c.has_collection(self.collection)))
 
     def _loaded(self, client: Any) -> Any:
         """The client, with the collection loaded for search and query (a new process finds it released)."""
-        key = (self.uri, self.db_name, self.collection)
-        if key not in LOADED_COLLECTIONS:
-            client.load_collection(self.collection)
-            LOADED_COLLECTIONS.add(key)
-        return client
+        return loaded(client, self.uri, self.db_name, self.collection)
 
     def loaded_client(self) -> Any:
         return self._call("load", self._loaded)

@@ -10,9 +10,10 @@ from upath import UPath
 
 from quiver.atomic import write_text_atomic
 from quiver.errors import ConfigError
-from quiver.names import CHUNKING_STRATEGIES, check_source_name
+from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING, check_source_name
 from quiver.settings import dagster_home, default_storage_root
 from quiver.sources import SOURCE_KINDS, SourceKind, detect_kind
+from resources.env import from_env
 
 DEFAULT_SOURCE = "stdlib"
 
@@ -25,7 +26,7 @@ class SourceSpec:
     name: str
     kind: SourceKind
     path: str  # where the source is read from, now
-    chunking: str = "tokens"  # quiver.chunking strategy: tokens, or whole_document
+    chunking: str = DEFAULT_CHUNKING  # a chunking strategy: tokens, or whole_document
     stored_path: str = ""  # as registered: relative to ${DAGSTER_HOME} when inside it, so a moved home still works
 
     @property
@@ -49,7 +50,7 @@ def _spec(stored: dict[str, str]) -> SourceSpec:
     path = stored["path"]
     if path.startswith(HOME_PLACEHOLDER):
         path = str(dagster_home()) + path[len(HOME_PLACEHOLDER):]
-    return SourceSpec(stored["name"], stored["kind"], path, stored.get("chunking", "tokens"),  # type: ignore[arg-type]
+    return SourceSpec(stored["name"], stored["kind"], path, stored.get("chunking", DEFAULT_CHUNKING),  # type: ignore[arg-type]
                       stored["path"])
 
 
@@ -61,7 +62,7 @@ class SourceRegistry(ConfigurableResource):
     def _file(self, name: str) -> UPath:
         return UPath(self.directory) / f"{check_source_name(name)}.json"
 
-    def add(self, name: str, path: str, kind: str | None = None, chunking: str = "tokens") -> SourceSpec:
+    def add(self, name: str, path: str, kind: str | None = None, chunking: str = DEFAULT_CHUNKING) -> SourceSpec:
         check_source_name(name)
         if kind is not None and kind not in SOURCE_KINDS:
             raise ConfigError(f"source kind {kind!r}: use one of {', '.join(SOURCE_KINDS)}")
@@ -100,7 +101,7 @@ class SourceRegistry(ConfigurableResource):
 class Inbox(ConfigurableResource):
     """A directory whose entries are sources: JSONL(.gz)/Parquet files, or directories (text files or BEIR)."""
 
-    directory: str = Field(default_factory=lambda: os.environ.get("QUIVER_INBOX") or str(dagster_home() / "inbox"),
+    directory: str = Field(default_factory=from_env("QUIVER_INBOX", lambda: str(dagster_home() / "inbox")),
                            description="The watched directory (QUIVER_INBOX).")
     settle_seconds: float = Field(default=2.0, description="An entry changed more recently than this is still "
                                                            "being written: it waits for the next tick.")

@@ -50,7 +50,7 @@ def instance(quiver_home: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def milvus_server(tmp_path: Path) -> Iterator[Any]:
-    """A Milvus server process on a free port, with its data in tmp_path."""
+    """The real Milvus server (standalone binary) on a free port, with its data in tmp_path."""
     from tests.helpers import MilvusServer
 
     server = MilvusServer(tmp_path / "milvus-server")

@@ -8,6 +8,7 @@ from typing import Any
 import faiss
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, materialize
 
+from bench.milvus_server import MilvusServer, free_port  # noqa: F401 - the real server, shared with bench
 from platform_defs.definitions import ALL_ASSETS, ALL_CHECKS
 from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
 from quiver.hashing import vector_id, vector_key
@@ -104,55 +105,3 @@ def scifact_docs(n: int, start: int = 0) -> list[dict[str, Any]]:
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MilvusServer:
-    """A Milvus-protocol server in its own process (Milvus Lite's standalone gRPC server): what Quiver talks
-    to in server mode, and a server that a test can stop and start again on the same port and data."""
-
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self.process: Any = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, wait: bool = True) -> "MilvusServer":
-        import subprocess
-        import sys
-
-        binary = Path(sys.executable).parent / "milvus-lite"
-        self.process = subprocess.Popen([str(binary), "server", "--data-dir", str(self.data_dir), "--host",
-                                         "127.0.0.1", "--port", str(self.port), "--max-workers", "1"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if wait:
-            self.wait_until_up()
-        return self
-
-    def wait_until_up(self, timeout: float = 60) -> None:
-        import socket
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the Milvus server exited"
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise AssertionError(f"the Milvus server did not listen on {self.port} within {timeout}s")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)

@@ -319,7 +319,7 @@ def test_processes_take_turns_on_a_milvus_lite_database(quiver_home: Path, tmp_p
     uri = str(tmp_path / "turns.db")
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[2]);"
-        "from resources.milvus_store import MilvusStore, close_milvus_clients;"
+        "from resources.milvus_store import MilvusStore; from resources.milvus_clients import close_milvus_clients;"
         "m = MilvusStore(uri=sys.argv[1], collection='turns'); m.ensure_collection(4); print('holding', flush=True);"
         "time.sleep(4); close_milvus_clients()"), uri, str(PROJECT)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "holding"
