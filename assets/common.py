@@ -6,6 +6,7 @@ partitions (one model load for all of them), so each stage computes a result per
 
 import functools
 import inspect
+import os
 import resource
 import time
 import warnings
@@ -55,7 +56,11 @@ CELERY_QUEUE_TAG = "dagster-celery/queue"
 # Every step talks to a service (Milvus, Redis, or the storage root on an object store). A transient error that
 # outlasted the retries inside the call fails the step, which Dagster runs again after a backoff; any other
 # error fails at once (see fail_fast_unless_transient).
-SERVICE_RETRY_POLICY = RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+# QUIVER_STEP_RETRIES and QUIVER_STEP_RETRY_DELAY_S (seconds before the first retry) tune it where the
+# definitions load.
+SERVICE_RETRY_POLICY = RetryPolicy(max_retries=int(os.environ.get("QUIVER_STEP_RETRIES", "3")),
+                                   delay=float(os.environ.get("QUIVER_STEP_RETRY_DELAY_S", "2")),
+                                   backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 
 
 def memory_class(name: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from quiver.encoding import TokenizedBatch
 from quiver.hashing import KeyDigest
+from quiver.retry import ServiceUnavailableError
 from quiver.stages import PipelineReport, Stage, run_stages
 from quiver.vectors import embeddings_batch, request_batches, row_bytes, rows_for_milvus
 from resources.embedding_cache import CachedTexts, CacheStats, EmbeddingCache, look_up_texts, store_encoded
@@ -141,8 +142,11 @@ def embed_partition_vectors(
         # Another process has the embedded database: do not wait for it, milvus_collection writes these vectors.
         result.deferred, milvus = f"{busy}: left to milvus_collection", None
     if milvus is not None:
-        milvus.ensure_collection(dimension)
-        existing = milvus.existing_keys(source=partition)
+        try:
+            milvus.ensure_collection(dimension)
+            existing = milvus.existing_keys(source=partition)
+        except ServiceUnavailableError as exc:  # degraded, not down: the Parquet and FAISS do not wait for Milvus
+            result.deferred, milvus = f"Milvus unavailable ({exc}): left to milvus_collection", None
     stats_lock = threading.Lock()
     bar = tqdm(total=total_rows, desc=f"embeddings[{partition}]", unit="chunk", disable=not sys.stderr.isatty(),
                file=sys.stderr)
@@ -165,7 +169,13 @@ def embed_partition_vectors(
 
     def insert(requests: list[list[dict[str, Any]]]) -> int:
         assert milvus is not None
-        written = sum(milvus.upsert_rows(rows) for rows in requests)
+        if result.deferred:
+            return 0
+        try:
+            written = sum(milvus.upsert_rows(rows) for rows in requests)
+        except ServiceUnavailableError as exc:  # Milvus went away mid-run: the rest is left to milvus_collection
+            result.deferred = f"Milvus unavailable after {result.upserted} upserts ({exc}): left to milvus_collection"
+            return 0
         result.upserted += written
         return written
 
@@ -185,8 +195,14 @@ def embed_partition_vectors(
             thread_prefix=f"quiver-embed-{partition}")
     finally:
         bar.close()
-    if milvus is not None and existing is not None:
-        result.deleted = milvus.delete_ids((vid for vid in existing if vid not in result.seen), sources={partition})
-        milvus.mark_exact(partition, result.digest.hexdigest())  # verified: this source holds exactly these now
+    if milvus is not None and existing is not None and not result.deferred:
+        try:
+            result.deleted = milvus.delete_ids((vid for vid in existing if vid not in result.seen),
+                                               sources={partition})
+            milvus.mark_exact(partition, result.digest.hexdigest())  # verified: the source holds exactly these now
+        except ServiceUnavailableError as exc:
+            result.deferred = f"Milvus unavailable before its stale vectors were deleted ({exc}): left to " \
+                              "milvus_collection"
+    if milvus is not None:
         milvus.release()
     return result

@@ -19,6 +19,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _config(peer_port: int, **settings: Any) -> Any:
+    """The package's server config, probing its ports the way the server binds them (SO_REUSEADDR: a server
+    that was killed leaves connections in TIME_WAIT, which must not stop it from starting again on its port),
+    and giving the embedded etcd a peer port of its own (the template leaves it at 2380 for every server, so
+    two servers on one machine could not both start)."""
+    from milvus import MilvusServerConfig
+
+    class Config(MilvusServerConfig):
+        def write_config(self) -> None:
+            super().write_config()
+            configs = Path(self.base_data_dir) / "configs"
+            client = f"http://localhost:{self.get('etcd_port')}"
+            (configs / "embed-etcd.yaml").write_text(
+                f"listen-client-urls: {client}\nadvertise-client-urls: {client}\n"
+                f"listen-peer-urls: http://localhost:{peer_port}\n"
+                f"initial-advertise-peer-urls: http://localhost:{peer_port}\n"
+                f"initial-cluster: default=http://localhost:{peer_port}\n")
+            milvus_yaml = configs / "milvus.yaml"
+            text = milvus_yaml.read_text()
+            milvus_yaml.write_text(text.replace("\netcd:\n", f"\netcd:\n  config:\n    path: "
+                                                f"{configs / 'embed-etcd.yaml'}\n", 1))
+
+        def try_bind_port(self, port: int) -> socket.socket | None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+                return sock
+            except OSError:
+                sock.close()
+                return None
+
+    return Config(**settings)
+
+
 class MilvusServer:
     """The Milvus standalone binary with its data in `data_dir`."""
 
@@ -27,6 +63,8 @@ class MilvusServer:
         self.port = port or free_port()
         self.settings = settings
         self.server: Any = None
+        self._ports: dict[str, int] = {"proxy_port": self.port}  # all of them pinned after the first start
+        self._peer_port = free_port()
 
     @property
     def tls(self) -> bool:
@@ -42,13 +80,15 @@ class MilvusServer:
 
     def start(self, wait: bool = True) -> "MilvusServer":
         from milvus import MilvusServer as Binary
-        from milvus import MilvusServerConfig
 
-        self.server = Binary(MilvusServerConfig(proxy_port=self.port), wait_for_started=wait)
+        # A restart reuses every port of the first start: the embedded etcd's data remembers its own.
+        self.server = Binary(_config(self._peer_port, **self._ports), wait_for_started=wait)
         self.server.set_base_dir(str(self.data_dir))
         for key, value in self.settings.items():
             self.server.config.set(key, value)
         self.server.start()
+        self._ports = {key: int(self.server.config.get(key)) for key in self.server.config.configurable_items
+                       if key.endswith("_port")}
         return self
 
     def wait_until_up(self, timeout: float = 120) -> None:

@@ -41,16 +41,56 @@ class RetrySettings:
     deadline_s: float = 120.0
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether an error may pass by itself: judged on the error and the errors that caused it."""
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The error and the errors that caused it, outermost first."""
     seen: set[int] = set()
+    found: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if _transient_one(current):
-            return True
+        found.append(current)
         current = current.__cause__ or current.__context__
-    return False
+    return found
+
+
+# What a gRPC service (Milvus) answers for a request that no retry will fix: wrong credentials, no permission,
+# a bad request; and a TLS handshake that fails on the certificate.
+_PERMANENT_GRPC = ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED")
+_PERMANENT_WORDS = ("certificate_verify_failed", "certificate verify failed", "auth check failure",
+                    "authorization in header", "wrong version number")
+
+
+def _permanent_one(exc: BaseException) -> bool:
+    if type(exc).__module__.startswith("grpc"):
+        code = getattr(exc, "code", lambda: None)()
+        if getattr(code, "name", "") in _PERMANENT_GRPC:
+            return True
+    text = str(exc).lower()  # a gRPC error's text carries its details and debug string
+    return any(word in text for word in _PERMANENT_WORDS)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error may pass by itself: judged on the error and the errors that caused it. A cause that
+    says no retry can help (refused credentials, a certificate that does not verify) makes it permanent, even
+    under a client's generic "cannot connect"."""
+    chain = _chain(exc)
+    if any(_permanent_one(e) for e in chain):
+        return False
+    return any(_transient_one(e) for e in chain)
+
+
+def describe(exc: BaseException) -> str:
+    """An error as a person reads it: its type and message, and the innermost cause's when it says more
+    (a client's "fail connecting" hides the server's "auth check failure")."""
+    text = f"{type(exc).__name__}: {exc}"
+    innermost = _chain(exc)[-1]
+    if innermost is not exc:
+        details = getattr(innermost, "details", None)
+        detail = details() if callable(details) else str(innermost)
+        code = getattr(innermost, "code", None)
+        name = getattr(code() if callable(code) else None, "name", "")
+        text += f" ({name + ': ' if name else ''}{detail})"
+    return text
 
 
 # OS errors that say "not now" rather than "never": what object-store clients (s3fs maps SlowDown and 503 to
@@ -137,11 +177,11 @@ def call_with_retries(what: str, call: Callable[[], T], settings: RetrySettings 
         last = exhausted.last_attempt.exception()
         attempts = exhausted.last_attempt.attempt_number
         raise ServiceUnavailableError(
-            f"{what}: still failing after {attempts} attempts ({type(last).__name__}: {last}); a transient error, "
+            f"{what}: still failing after {attempts} attempts ({describe(last)}); a transient error, "
             "retried with backoff: is the service up and reachable?") from last
     except QuiverError:
         raise
     except Exception as exc:
         if is_transient(exc):  # pragma: no cover - tenacity retries these; kept for safety
             raise
-        raise ServiceRequestError(f"{what}: {type(exc).__name__}: {exc} (a permanent error: not retried)") from exc
+        raise ServiceRequestError(f"{what}: {describe(exc)} (a permanent error: not retried)") from exc

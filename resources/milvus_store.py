@@ -65,7 +65,9 @@ class MilvusStore(ConfigurableResource):
                                  description="The server's certificate, for one-way TLS.")
     server_name: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_SERVER_NAME"),
                              description="The name the server's certificate is issued to.")
-    ca_pem_path: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_CA_PEM"), description="CA, for mutual TLS.")
+    ca_pem_path: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_CA_PEM"),
+                             description="The CA that signed the server's certificate (one-way TLS; with a client "
+                                         "certificate and key, mutual TLS).")
     client_pem_path: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_CLIENT_PEM"),
                                  description="Client certificate, for mutual TLS.")
     client_key_path: str = Field(default_factory=from_env("QUIVER_MILVUS_TLS_CLIENT_KEY"),
@@ -113,7 +115,9 @@ class MilvusStore(ConfigurableResource):
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 
-        kwargs: dict[str, Any] = {"uri": self.uri, **self._server_options()}
+        # A connection of its own: pymilvus shares one per address and token otherwise, whatever the TLS settings,
+        # so a client with another CA would ride on a connection that verified with the first one.
+        kwargs: dict[str, Any] = {"uri": self.uri, "dedicated": True, **self._server_options()}
         lite = "://" not in self.uri
         if lite:
             os.makedirs(os.path.dirname(os.path.abspath(self.uri)), exist_ok=True)
@@ -136,9 +140,13 @@ class MilvusStore(ConfigurableResource):
             options["token"] = env_value(self.token)
         if self.secure:
             options["secure"] = True
-            for name in ("server_pem_path", "server_name", "ca_pem_path", "client_pem_path", "client_key_path"):
-                if getattr(self, name):
-                    options[name] = getattr(self, name)
+            if self.server_name:
+                options["server_name"] = self.server_name
+            if self.client_pem_path and self.client_key_path:  # mutual TLS: the CA, and this client's certificate
+                options.update(ca_pem_path=self.ca_pem_path, client_pem_path=self.client_pem_path,
+                               client_key_path=self.client_key_path)
+            elif self.server_pem_path or self.ca_pem_path:  # one-way: what the server's certificate must verify by
+                options["server_pem_path"] = self.server_pem_path or self.ca_pem_path
         return options
 
     def _connect_to_database(self, client_class: Any, kwargs: dict[str, Any]) -> Any:
@@ -295,14 +303,18 @@ class MilvusStore(ConfigurableResource):
             self._call("delete", lambda c, p=part: c.delete(self.collection, ids=p))
         return len(ids)
 
-    def compact(self) -> None:
-        """Merge segments and purge deleted rows (a server does the work; Milvus Lite compacts after every
-        flush and answers at once)."""
+    def compact(self, timeout_s: float = 600) -> str:
+        """Merge segments and purge deleted rows, and wait for it: returns the compaction's final state
+        ("Completed"; Milvus Lite compacts after every flush and answers at once)."""
         job = self._call("compact", lambda c: c.compact(self.collection))
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and self._call(
-                "compaction state", lambda c: c.get_compaction_state(job)) not in ("Completed", "UndefiedState"):
+        deadline = time.monotonic() + timeout_s
+        state = ""
+        while time.monotonic() < deadline:
+            state = str(self._call("compaction state", lambda c: c.get_compaction_state(job)))
+            if state in ("Completed", "UndefiedState"):
+                break
             time.sleep(1)
+        return state
 
     def count(self, source: str | None = None, excluding: set[str] | None = None) -> int:
         """Vectors held (of one source, or of every source but the excluded ones)."""

@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Steps retry as in production, sooner: a quarter of a second before the first retry (2 s by default).
+os.environ.setdefault("QUIVER_STEP_RETRY_DELAY_S", "0.25")
 
 PROJECT = Path(__file__).resolve().parent.parent
 DATASETS = PROJECT.parent / "shared" / "datasets"
@@ -56,6 +58,31 @@ def milvus_server(tmp_path: Path) -> Iterator[Any]:
     server = MilvusServer(tmp_path / "milvus-server")
     yield server.start()
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def shared_milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real Milvus server for the tests that only need one to talk to; each uses its own collection."""
+    from tests.helpers import MilvusServer
+
+    server = MilvusServer(tmp_path_factory.mktemp("shared-milvus"))
+    yield server.start()
+    server.kill()
+
+
+@pytest.fixture(params=["lite", "server"])
+def store_target(request: pytest.FixtureRequest, quiver_home: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The resources of a test that runs on both Milvus Lite and the real Milvus server (its own collection)."""
+    import uuid
+
+    from platform_defs.resources import build_resources
+
+    if request.param == "server":
+        server = request.getfixturevalue("shared_milvus_server")
+        monkeypatch.setenv("QUIVER_MILVUS_URI", server.uri)
+        monkeypatch.setenv("QUIVER_MILVUS_COLLECTION", f"t_{uuid.uuid4().hex[:12]}")
+    return build_resources(resolve_env=True)
 
 
 def require_service(name: str, host: str, port: int) -> None:
