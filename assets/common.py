@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dagster import (
+    AssetCheckExecutionContext,
     AssetExecutionContext,
     AssetsDefinition,
     BackfillPolicy,
@@ -34,7 +35,7 @@ from dagster import (
 from quiver.codeversion import stage_versions
 from quiver.errors import ConfigError, InputError
 from quiver.hashing import sha256_json
-from quiver.memory import MEMORY_TAG, pool_name
+from quiver.memory import MEMORY_TAG, NEED_TAG_PREFIX, MemoryShortError, pool_name, step_refusal
 from quiver.names import check_source_name
 from quiver.retry import ServiceUnavailableError, is_transient
 from resources.fileref import FileRef, FileStore
@@ -82,6 +83,17 @@ def fail_fast_unless_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
     for the retry policy, and whose other errors (bad input, a wrong dimension, a bug) become a Failure
     that is not retried, with the error's own message."""
 
+    def check_memory(args: tuple[Any, ...]) -> None:
+        """The worker-side preflight: a step whose class's need (recorded on the run when it started) does not
+        fit in what this machine may use now is not started; it is retried later."""
+        context = next((a for a in args if isinstance(a, AssetExecutionContext | AssetCheckExecutionContext)), None)
+        if context is None:
+            return
+        memory_class = context.op_def.tags.get(MEMORY_TAG)
+        need = context.run.tags.get(f"{NEED_TAG_PREFIX}{memory_class}")
+        if memory_class and need and (refusal := step_refusal(memory_class, int(need))):
+            raise MemoryShortError(refusal)
+
     def judged(exc: Exception) -> Exception:
         transient = isinstance(exc, ServiceUnavailableError) or is_transient(exc)
         return exc if transient or isinstance(exc, Failure) else _permanent(exc)
@@ -90,6 +102,7 @@ def fail_fast_unless_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def generator(*args: Any, **kwargs: Any) -> Any:
             try:
+                check_memory(args)
                 yield from fn(*args, **kwargs)
             except Exception as exc:
                 raise judged(exc) from exc
@@ -98,6 +111,7 @@ def fail_fast_unless_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_memory(args)
             return fn(*args, **kwargs)
         except Exception as exc:
             failure = judged(exc)

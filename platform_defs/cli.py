@@ -7,13 +7,15 @@ unless set), so the UI shows every run a command made.
 import argparse
 import json
 import os
+import socket
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 from quiver.errors import ConfigError, QuiverError
 from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING
-from quiver.settings import dagster_home
+from quiver.settings import PROJECT_ROOT, dagster_home
 from quiver.sources import SOURCE_KINDS
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -184,20 +186,57 @@ def cmd_limits(args: argparse.Namespace) -> int:
         forget_footprint(_resources()["model_pool"])
     limits = current_limits()
     s = limits.settings
+    celery = os.environ.get("QUIVER_EXECUTOR") == "celery"
     if args.json:
         print(json.dumps({"available": s.available, "budget": s.budget, "cores": s.cores, "sources": s.sources,
+                          "executor": "celery" if celery else "multiprocess",
                           "classes": {c.memory_class: {"need": c.need, "limit": c.limit, "bound_by": c.bound_by,
-                                                       "pool": c.pool} for c in limits.classes.values()}}, indent=2))
+                                                       "pool": c.pool, "formula": s.sources.get(c.memory_class)}
+                                      for c in limits.classes.values()}}, indent=2))
     else:
         print(f"memory available {format_size(s.available)} ({s.sources.get('available')}), budget "
               f"{format_size(s.budget)} ({s.sources.get('budget')}), {s.cores} cores")
-        print(aligned(["class", "need", "from", "share", "limit", "bound by", "pool"], limits.rows()))
+        print(aligned(["class", "need", "share", "limit", "bound by", "pool"], limits.rows()))
         print(f"worst case, every class at its limit: {format_size(limits.worst_case())}")
+        print("\nwhat one step of each class holds:")
+        for c in limits.classes.values():
+            print(f"  {c.memory_class}: {s.sources.get(c.memory_class)}")
+        if celery:
+            print("\nexecutor: celery. Each worker runs as many steps of its queue's class as this table allows on "
+                  "its own machine: start them with `quiver worker model` and `quiver worker io,light`; every step "
+                  "checks its need against the worker's memory before it starts.")
+        else:
+            print("\nexecutor: multiprocess. The limits apply within a run (tag limits, with a preflight when it "
+                  "starts) and across runs (the pools above, with the queued run coordinator).")
     if args.apply:
         with DagsterInstance.get() as instance:
             changed = apply_pools(instance, limits)
         for name, (was, now) in changed.items():
             print(f"pool {name}: {was} -> {now}", file=sys.stderr)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker for memory-class queues, as many processes as this machine's memory allows for them."""
+    from platform_defs.limits import current_limits
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    limits = current_limits()
+    unknown = [q for q in queues if q not in limits.classes]
+    if unknown:
+        raise ConfigError(f"no memory class {', '.join(unknown)}: queues are {', '.join(limits.classes)}")
+    # Steps of any listed class may arrive: the smallest limit is the one that fits whatever the mix is.
+    concurrency = args.concurrency or min(limits.classes[q].limit for q in queues)
+    name = args.name or f"{'-'.join(queues)}-{socket.gethostname()}"
+    command = [str(Path(sys.executable).parent / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
+               "-y", args.config, "-q", ",".join(queues), "-n", name,
+               *(["-i", "platform_defs.preload"] if "model" in queues else []), "--", "-c", str(concurrency)]
+    print(f"worker {name}: {concurrency} processes for {', '.join(queues)} "
+          f"({'; '.join(f'{q} limit {limits.classes[q].limit}' for q in queues)})", file=sys.stderr, flush=True)
+    if args.dry_run:
+        print(" ".join(command))
+        return 0
+    os.execv(command[0], command)
     return 0
 
 
@@ -264,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--apply", action="store_true", help="set the instance's concurrency pools to these limits")
     lim.add_argument("--json", action="store_true")
     lim.set_defaults(func=cmd_limits)
+
+    wrk = sub.add_parser("worker", help="start a Celery worker for memory-class queues (QUIVER_EXECUTOR=celery)")
+    wrk.add_argument("queues", help="comma-separated memory classes: model, or io,light")
+    wrk.add_argument("-c", "--concurrency", type=int, default=0,
+                     help="worker processes (default: the smallest limit of the queues' classes on this machine)")
+    wrk.add_argument("--config", default=str(PROJECT_ROOT / "deploy" / "production" / "celery.yaml"),
+                     help="the workers' Celery config (broker and backend), default deploy/production/celery.yaml")
+    wrk.add_argument("-n", "--name", help="the worker's name (default: its queues and this host's name)")
+    wrk.add_argument("--dry-run", action="store_true", help="print the worker command instead of running it")
+    wrk.set_defaults(func=cmd_worker)
     return parser
 
 

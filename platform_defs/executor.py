@@ -11,10 +11,12 @@ memory class, whether the kernel's OOM killer did it, and the limits that were i
 import multiprocessing
 import os
 import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 from dagster import (
     DagsterEvent,
     DagsterEventType,
@@ -28,7 +30,8 @@ from dagster import (
 
 from platform_defs.limits import apply_pools, current_limits, manage_pools
 from quiver.errors import QuiverError
-from quiver.memory import MEMORY_TAG, explain_kill, oom_kills, preflight
+from quiver.memory import MEMORY_TAG, NEED_TAG_PREFIX, Limits, preflight
+from quiver.oom import explain_kill, oom_counter
 
 DEFINITIONS_MODULE = "platform_defs.definitions"
 PRELOAD_MODULE = "platform_defs.preload"
@@ -49,6 +52,42 @@ def _multiprocess(init_context: InitExecutorContext, config: dict[str, Any]) -> 
 def default_max_concurrent() -> int:
     """What Dagster's multiprocess executor runs at once when not told: its environment variable, else the CPUs."""
     return int(os.environ.get("DAGSTER_MULTIPROCESS_EXECUTOR_MAX_CONCURRENT") or multiprocessing.cpu_count())
+
+
+class StepRss:
+    """The peak resident memory of each step process of a run, sampled every 0.2 s while it runs: the
+    evidence of what a step held when it was killed."""
+
+    def __init__(self) -> None:
+        self._pids: dict[str, psutil.Process] = {}
+        self._peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="quiver-step-rss")
+
+    def watch(self, step_key: str, pid: int) -> None:
+        try:
+            self._pids[step_key] = psutil.Process(pid)
+        except psutil.Error:
+            pass
+
+    def peak(self, step_key: str) -> int | None:
+        return self._peaks.get(step_key)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            for step_key, proc in list(self._pids.items()):
+                try:
+                    self._peaks[step_key] = max(self._peaks.get(step_key, 0), proc.memory_info().rss)
+                except psutil.Error:
+                    self._pids.pop(step_key, None)
+
+    def __enter__(self) -> "StepRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class MemoryBoundExecutor(Executor):
@@ -78,17 +117,58 @@ class MemoryBoundExecutor(Executor):
         if manage_pools():
             for pool, (was, now) in apply_pools(plan_context.instance, limits).items():
                 plan_context.log.info(f"concurrency pool {pool}: {was} -> {now}")
+        record_needs(plan_context, limits)
         bounded = _multiprocess(self._init_context, {
             **self._config, "max_concurrent": check.max_concurrent,
             "tag_concurrency_limits": check.tag_concurrency_limits()})
-        kills_before = oom_kills()
-        for event in bounded.execute(plan_context, execution_plan):
-            yield event
-            if (event.event_type == DagsterEventType.ENGINE_EVENT and event.step_key and event.message
-                    and event.message.startswith(CRASH_PREFIX) and f"signal {signal.SIGKILL.value} " in event.message):
-                step = plan_context.for_step(execution_plan.get_step_by_key(event.step_key))
-                step.log.error(explain_kill(event.step_key, memory_class_of.get(event.step_key), limits,
-                                            kills_before, oom_kills()))
+        before = oom_counter()
+        with StepRss() as rss:
+            for event in bounded.execute(plan_context, execution_plan):
+                yield event
+                if event.event_type == DagsterEventType.STEP_START and event.step_key and event.pid:
+                    rss.watch(event.step_key, event.pid)
+                if (event.event_type == DagsterEventType.ENGINE_EVENT and event.step_key and event.message
+                        and event.message.startswith(CRASH_PREFIX)
+                        and f"signal {signal.SIGKILL.value} " in event.message):
+                    step = plan_context.for_step(execution_plan.get_step_by_key(event.step_key))
+                    step.log.error(explain_kill(event.step_key, memory_class_of.get(event.step_key), limits,
+                                                before, oom_counter(), rss.peak(event.step_key)))
+
+
+def record_needs(plan_context: Any, limits: Limits) -> None:
+    """Put each class's need on the run, where every step reads it before it starts (the worker-side preflight:
+    on a Celery worker, the machine the step runs on decides, not the one the run was launched from)."""
+    plan_context.instance.add_run_tags(plan_context.run_id, {
+        f"{NEED_TAG_PREFIX}{c.memory_class}": str(c.need) for c in limits.classes.values()})
+
+
+def quiver_celery_executor():  # noqa: ANN201 - an ExecutorDefinition
+    """Dagster's Celery executor (QUIVER_CELERY_BROKER, QUIVER_CELERY_BACKEND), each step sent to the queue of its
+    memory class, with each class's need recorded on the run: workers check it before a step starts, and their
+    concurrency per queue comes from their own memory (`quiver worker`)."""
+    from dagster_celery import celery_executor
+    from dagster_celery.executor import CeleryExecutor
+
+    class MemoryBoundCeleryExecutor(CeleryExecutor):  # dagster-celery's loop reads its settings off the executor
+        def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[DagsterEvent]:
+            limits = current_limits(log=plan_context.log)
+            plan_context.log.info(f"{limits.describe()}; on Celery, each worker runs as many steps of its queue's "
+                                  "class as its own memory allows (quiver worker), and checks each step's need "
+                                  "first")
+            record_needs(plan_context, limits)
+            return super().execute(plan_context, execution_plan)
+
+    @executor(name="quiver_celery", config_schema=celery_executor.config_schema,
+              requirements=multiple_process_executor_requirements())
+    def _create(init_context: InitExecutorContext) -> Executor:
+        celery = celery_executor.executor_creation_fn(InitExecutorContext(  # type: ignore[misc]
+            job=init_context.job, executor_def=celery_executor, executor_config=init_context.executor_config,
+            instance=init_context.instance))
+        celery.__class__ = MemoryBoundCeleryExecutor  # the same executor, with the needs recorded first
+        return celery
+
+    return _create.configured({"broker": {"env": "QUIVER_CELERY_BROKER"},
+                               "backend": {"env": "QUIVER_CELERY_BACKEND"}}, name="quiver_celery")
 
 
 def quiver_executor(preload_model: bool = True, preload: tuple[str, ...] = (DEFINITIONS_MODULE,)):  # noqa: ANN201
@@ -123,11 +203,7 @@ def job_executor(preload_model: bool = True):  # noqa: ANN201 - an ExecutorDefin
     (QUIVER_CELERY_BROKER, QUIVER_CELERY_BACKEND) for workers on any machine to run."""
     choice = os.environ.get("QUIVER_EXECUTOR", "multiprocess")
     if choice == "celery":
-        from dagster_celery import celery_executor
-
-        return celery_executor.configured(
-            {"broker": {"env": "QUIVER_CELERY_BROKER"}, "backend": {"env": "QUIVER_CELERY_BACKEND"}},
-            name="quiver_celery")
+        return quiver_celery_executor()
     if choice != "multiprocess":
         raise QuiverError(f"QUIVER_EXECUTOR={choice!r}: use multiprocess (the default) or celery")
     return quiver_executor(preload_model)

@@ -2,7 +2,7 @@
 
 The figure is the peak RSS of a fresh process that imports what an embedding step process holds (the
 definitions, which the forkserver preloads, and the embed-and-insert stages), loads the model and encodes
-one full batch at the model's window (`python platform_defs/footprint.py CONFIG` is that process). It is
+one full batch at the model's window (`python -m platform_defs.footprint CONFIG` is that process). It is
 kept in `~/.cache/quiver/memory/` ($QUIVER_CACHE_DIR), so the concurrency limits divide the memory budget
 by it without measuring again; `quiver limits --measure` measures it again.
 """
@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ from resources.model_pool import ModelPool
 
 PROBE_ENV = "QUIVER_FOOTPRINT_PROBE"
 _log = logging.getLogger("quiver.footprint")
-ESTIMATE = "estimated (weights x 2 + 400 MiB)"
+ESTIMATE = "estimated (model: weights x 2 + 400 MiB; base: 400 MiB)"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Peak RSS of a step process before the model (`base`) and with it, after a full batch (`model_peak`)."""
+
+    base: int
+    model_peak: int
+    source: str  # "measured <date>" or "estimated (...)"
 
 
 def footprint_file(pool: ModelPool) -> Path:
@@ -30,61 +40,65 @@ def footprint_file(pool: ModelPool) -> Path:
     return cache / "memory" / f"{pool.fingerprint()}-b{pool.batch_size}-l{pool.window_tokens()}.json"
 
 
-def estimated_footprint(pool: ModelPool) -> int:
+def estimated_footprint(pool: ModelPool, why: str) -> Footprint:
     path = Path(pool.model_path)
     weights = sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.is_dir() else 0
-    return 2 * weights + 400 * 2**20
+    return Footprint(400 * 2**20, 2 * weights + 400 * 2**20, f"{ESTIMATE}: {why}")
 
 
-def footprint(pool: ModelPool, measure: bool = True, log: Any = _log) -> tuple[int, str]:
-    """Bytes one embedding step needs, and where the figure came from (measured on a date, or estimated)."""
+def footprint(pool: ModelPool, measure: bool = True, log: Any = _log) -> Footprint:
+    """What a step process holds without and with the model, and where the figures came from."""
     file = footprint_file(pool)
     if file.is_file():
         recorded = json.loads(file.read_text())
-        return int(recorded["bytes"]), f"measured {recorded['measured']}"
+        if "base" in recorded:
+            return Footprint(int(recorded["base"]), int(recorded["bytes"]), f"measured {recorded['measured']}")
     if not measure or os.environ.get(PROBE_ENV):
-        return estimated_footprint(pool), f"{ESTIMATE}: not measured yet"
+        return estimated_footprint(pool, "not measured yet")
     try:
-        measured = measure_footprint(pool)
+        base, peak = measure_footprint(pool)
     except Exception as exc:  # noqa: BLE001 - an estimate keeps the limits conservative; the reason is said
         log.warning(f"could not measure the model's memory footprint: {exc}")
-        return estimated_footprint(pool), f"{ESTIMATE}: measuring failed ({exc})"
+        return estimated_footprint(pool, f"measuring failed ({exc})")
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")
-    tmp.write_text(json.dumps({"bytes": measured, "measured": time.strftime("%Y-%m-%d"), "model": pool.model}))
+    tmp.write_text(json.dumps({"bytes": peak, "base": base, "measured": time.strftime("%Y-%m-%d"),
+                               "model": pool.model}))
     os.replace(tmp, file)
-    return measured, f"measured {time.strftime('%Y-%m-%d')}"
+    return Footprint(base, peak, f"measured {time.strftime('%Y-%m-%d')}")
 
 
 def forget_footprint(pool: ModelPool) -> None:
     footprint_file(pool).unlink(missing_ok=True)
 
 
-def measure_footprint(pool: ModelPool, timeout_s: float = 300) -> int:
-    """Peak RSS of a fresh process doing what an embedding step does with this pool's configuration."""
+def measure_footprint(pool: ModelPool, timeout_s: float = 300) -> tuple[int, int]:
+    """(base, model peak) of a fresh process doing what an embedding step does with this pool's configuration."""
     config = json.dumps({"model": pool.model, "batch_size": pool.batch_size, "max_seq_length": pool.max_seq_length,
                          "normalize": pool.normalize})
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, PROBE_ENV: "1", "PYTHONPATH": path, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    proc = subprocess.run([sys.executable, __file__, config], capture_output=True, text=True, timeout=timeout_s,
-                          env=env, cwd=str(PROJECT_ROOT))
+    proc = subprocess.run([sys.executable, "-m", "platform_defs.footprint", config], capture_output=True,
+                          text=True, timeout=timeout_s, env=env, cwd=str(PROJECT_ROOT))
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise ModelPoolError(f"footprint probe failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return int(lines[-1])
+    figures = json.loads(lines[-1])
+    return int(figures["base"]), int(figures["peak"])
 
 
-def _probe(config: dict[str, Any]) -> int:
+def _probe(config: dict[str, Any]) -> dict[str, int]:
     import resource
 
     import assets.embed_pipeline  # noqa: F401 - what an embedding step holds besides the model
     import platform_defs.definitions  # noqa: F401 - preloaded by the forkserver every step forks from
 
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     pool = ModelPool(**config)
     window = pool.window_tokens()
     pool.encode(["the quick brown fox jumps over the lazy dog " * (window // 4)] * pool.batch_size)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 if __name__ == "__main__":
-    print(_probe(json.loads(sys.argv[1])))
+    print(json.dumps(_probe(json.loads(sys.argv[1]))))

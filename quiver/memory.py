@@ -14,15 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from quiver.retry import ServiceUnavailableError
+
 MEMORY_TAG = "quiver/memory"
 MEMORY_CLASSES = ("model", "io", "light")
 COMPUTE_BOUND = frozenset({"model", "light"})  # more workers than cores only adds contention
 DEFAULT_FRACTION = 0.8
 MiB = 2**20
 GiB = 2**30
-# Configured defaults: a step process with dagster, pyarrow and a batch of data. The model class is
-# measured (resources/model_pool.py) instead.
-DEFAULT_NEEDS = {"io": 768 * MiB, "light": 384 * MiB}
 DEFAULT_SHARES = {"model": 0.6, "io": 0.25, "light": 0.15}
 ENV_AVAILABLE = "QUIVER_MEMORY_AVAILABLE"
 ENV_BUDGET = "QUIVER_MEMORY_BUDGET"
@@ -97,9 +96,8 @@ class Limits:
         return sum(c.limit * c.need for c in self.classes.values())
 
     def rows(self) -> list[list[str]]:
-        return [[c.memory_class, format_size(c.need), self.settings.sources.get(c.memory_class, ""),
-                 f"{self.settings.shares[c.memory_class]:.0%}", str(c.limit), c.bound_by, c.pool]
-                for c in self.classes.values()]
+        return [[c.memory_class, format_size(c.need), f"{self.settings.shares[c.memory_class]:.0%}", str(c.limit),
+                 c.bound_by, c.pool] for c in self.classes.values()]
 
     def describe(self) -> str:
         s = self.settings
@@ -125,9 +123,10 @@ def compute_limits(settings: MemorySettings) -> Limits:
     return Limits(settings, classes)
 
 
-def memory_settings(model_need: int, model_source: str, env: Mapping[str, str] | None = None,
+def memory_settings(needs: Mapping[str, tuple[int, str]], env: Mapping[str, str] | None = None,
                     available: int | None = None, cores: int | None = None) -> MemorySettings:
-    """Settings from the machine (psutil) and the environment, which overrides any figure."""
+    """Settings from the machine (psutil), the needs of each class (bytes, and how they were found), and the
+    environment, which overrides any figure."""
     import psutil
 
     env = os.environ if env is None else env
@@ -143,15 +142,15 @@ def memory_settings(model_need: int, model_source: str, env: Mapping[str, str] |
         budget, sources["budget"] = parse_size(env[ENV_BUDGET]), ENV_BUDGET
     else:
         budget, sources["budget"] = int(available * fraction), f"{fraction:.0%} of available"
-    needs = {"model": model_need, **DEFAULT_NEEDS}
-    sources["model"] = model_source
-    sources.update({c: "configured default" for c in DEFAULT_NEEDS})
+    figures = {c: needs[c][0] for c in MEMORY_CLASSES}
+    sources.update({c: needs[c][1] for c in MEMORY_CLASSES})
     for memory_class in MEMORY_CLASSES:
         if env.get(env_need(memory_class)):
-            needs[memory_class], sources[memory_class] = parse_size(env[env_need(memory_class)]), env_need(memory_class)
+            figures[memory_class] = parse_size(env[env_need(memory_class)])
+            sources[memory_class] = env_need(memory_class)
     if cores is None:
         cores = int(env.get(ENV_CORES) or os.cpu_count() or 1)
-    return MemorySettings(available=available, budget=budget, needs=needs, cores=cores, sources=sources,
+    return MemorySettings(available=available, budget=budget, needs=figures, cores=cores, sources=sources,
                           fraction=fraction)
 
 
@@ -209,28 +208,23 @@ def preflight(limits: Limits, step_counts: Mapping[str, int], max_concurrent: in
                      f"Free memory, or lower the need with {env_need(largest or 'model')} if you know better.")
 
 
-def oom_kills() -> int | None:
-    """The kernel's count of processes it killed for memory (Linux), or None where it is not known."""
-    try:
-        with open("/proc/vmstat", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-    except OSError:
+NEED_TAG_PREFIX = "quiver/need/"  # run tags: what one step of each class needs, set when the run starts
+
+
+class MemoryShortError(ServiceUnavailableError):
+    """A step that cannot fit in the memory its machine has now; retried later, as a busy service would be."""
+
+
+def step_refusal(memory_class: str, need: int, env: Mapping[str, str] | None = None) -> str | None:
+    """Why a step of a class cannot start on this machine now (its need is more than what may be used), or None:
+    the worker-side preflight of a step, wherever it runs."""
+    import psutil
+
+    env = os.environ if env is None else env
+    available = parse_size(env[ENV_AVAILABLE]) if env.get(ENV_AVAILABLE) else int(psutil.virtual_memory().available)
+    fraction = float(env.get(ENV_FRACTION) or DEFAULT_FRACTION)
+    if need <= available * fraction:
         return None
-    return None
-
-
-def explain_kill(step_key: str, memory_class: str | None, limits: Limits, kills_before: int | None,
-                 kills_now: int | None) -> str:
-    by_kernel = kills_before is not None and kills_now is not None and kills_now > kills_before
-    cause = (f"killed by the kernel for lack of memory (OOM killer: {kills_now - kills_before} kill(s) during this "
-             f"run)" if by_kernel else "killed by SIGKILL, but the kernel's OOM-kill count did not change: something "
-                                       "else killed it")
-    klass = limits.classes.get(memory_class or "")
-    need = f", which needs {format_size(klass.need)} a step" if klass else ""
-    return (f"step {step_key} (memory class {memory_class or 'untagged'}{need}) was {cause}. Limits in force: "
-            + "; ".join(f"{c.memory_class} {c.limit}" for c in limits.classes.values())
-            + f"; budget {format_size(limits.settings.budget)} of {format_size(limits.settings.available)} available. "
-              "Lower the concurrency or the batch size, or raise the need of this class "
-              f"({env_need(memory_class or 'model')}).")
+    return (f"a '{memory_class}' step needs {format_size(need)}, but only {format_size(available * fraction)} may "
+            f"be used on this machine now ({format_size(available)} available, {fraction:.0%} of it): it waits and "
+            f"is retried; lower the need with {env_need(memory_class)} if you know better")

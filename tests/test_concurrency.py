@@ -210,6 +210,8 @@ def test_a_step_killed_for_memory_is_reported_as_such(quiver_home: Path, instanc
         assert report, out[-3000:]
         assert report[0].startswith("step heavy_0 (memory class model, which needs ")
         assert "was killed by the kernel for lack of memory (OOM killer: " in report[0]
+        assert "in the step's own memory cgroup during this run" in report[0]  # not the host's count
+        assert "its resident memory peaked at " in report[0]
         assert "Limits in force: model " in report[0] and "budget " in report[0]
     finally:
         for pid in (group / "cgroup.procs").read_text().split():
@@ -238,4 +240,83 @@ def test_a_step_killed_by_someone_else_is_not_blamed_on_memory(quiver_home: Path
     proc.communicate(timeout=120)
     run_id = instance.get_runs(limit=1)[0].run_id
     report = [m for m in _run_messages(instance, run_id) if m.startswith("step heavy_0 ")]
-    assert report and "killed by SIGKILL, but the kernel's OOM-kill count did not change" in report[0]
+    assert report and "killed by SIGKILL, but the OOM-kill count of the cgroup " in report[0]
+    assert "did not change: something else killed it" in report[0]
+
+
+def test_loading_the_definitions_leaves_the_pools_alone(quiver_home: Path, instance: Any) -> None:
+    """Pools change only by an explicit action or when a run starts, never because a process imported the code."""
+    storage = instance.event_log_storage
+    storage.set_concurrency_slots("quiver-model", 7)
+    env = _env(quiver_home, QUIVER_MEMORY_NEED_MODEL="300MiB", QUIVER_MEMORY_BUDGET="1500MiB", QUIVER_CPU_COUNT="8")
+    subprocess.run([sys.executable, "-c", "import platform_defs.definitions, platform_defs.preload"], cwd=PROJECT,
+                   env=env, check=True, timeout=300, capture_output=True)
+    assert {p.name: p.limit for p in storage.get_pool_limits()} == {"quiver-model": 7}
+    applied = subprocess.run([str(Path(sys.executable).parent / "quiver"), "limits", "--apply"], cwd=PROJECT,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert applied.returncode == 0, applied.stderr[-2000:]
+    assert {p.name: p.limit for p in storage.get_pool_limits()}["quiver-model"] == 3  # 60% of 1500 / 300
+
+
+def test_a_step_that_cannot_fit_on_its_machine_now_does_not_start(quiver_home: Path, tmp_path: Path,
+                                                                   instance: Any, resources: dict[str, Any]) -> None:
+    """The worker-side preflight: each step checks its class's need, recorded on the run, against the memory of
+    the machine it runs on; it waits (retried) and then fails, saying why."""
+    from tests.helpers import add_source, ingest, scifact_docs, write_jsonl
+
+    add_source(instance, resources, "big", write_jsonl(tmp_path / "big.jsonl", scifact_docs(2)))
+    from dagster import materialize
+
+    from platform_defs.definitions import ALL_ASSETS
+
+    result = materialize(ALL_ASSETS, instance=instance, resources=resources, partition_key="big",
+                         selection=["documents", "chunks"], raise_on_error=False,
+                         tags={"quiver/need/light": str(2**40), "quiver/need/io": str(2**20)})
+    assert not result.success
+    assert metadata_ok(result, "documents")
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "chunks")
+    text = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else \
+        failure.step_failure_data.error.message
+    assert "a 'light' step needs 1024.00 GiB, but only " in text and "QUIVER_MEMORY_NEED_LIGHT" in text
+    assert sum(1 for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY" and e.step_key == "chunks")
+    assert ingest(instance, resources, "big").success  # without the impossible need it runs
+
+
+def metadata_ok(result: Any, step: str) -> bool:
+    return any(e.is_step_success and e.step_key == step for e in result.all_events)
+
+
+def test_a_worker_runs_as_many_steps_as_its_memory_allows(quiver_home: Path) -> None:
+    env = _env(quiver_home, QUIVER_MEMORY_NEED_MODEL="1GiB", QUIVER_MEMORY_BUDGET="5GiB", QUIVER_CPU_COUNT="8")
+    quiver = str(Path(sys.executable).parent / "quiver")
+    for queues, concurrency in (("model", 3), ("io,light", 2)):  # 60% of 5 GiB / 1 GiB; io,light: the smaller
+        out = subprocess.run([quiver, "worker", queues, "--dry-run"], cwd=PROJECT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        command = out.stdout.split()
+        assert command[command.index("-q") + 1] == queues and command[-2:] == ["-c", str(concurrency)], out.stdout
+        assert ("-i" in command) == (queues == "model")  # the model worker preloads the model before it forks
+
+
+def test_index_and_model_needs_are_computed_from_what_the_steps_will_hold(
+        quiver_home: Path, tmp_path: Path, instance: Any, resources: dict[str, Any]) -> None:
+    from platform_defs.limits import class_needs
+    from quiver.needs import BOOKKEEPING_PER_VECTOR, PAYLOAD_PER_VECTOR
+    from tests.helpers import add_source, ingest, scifact_docs, write_jsonl
+
+    empty = class_needs(resources)
+    add_source(instance, resources, "grow", write_jsonl(tmp_path / "grow.jsonl", scifact_docs(20)))
+    vectors = metadata_rows(ingest(instance, resources, "grow"))
+    grown = class_needs(resources)
+    per_vector = 2 * 384 * 4 + PAYLOAD_PER_VECTOR + BOOKKEEPING_PER_VECTOR
+    assert grown["io"].bytes - empty["io"].bytes == vectors * per_vector  # an IVF rebuild holds them twice
+    assert f"{vectors} vectors x (2 x 384 x 4 B" in grown["io"].formula
+    # The embedding step also holds its L1 cache at its bound, what is in flight, and Milvus Lite's collection.
+    assert grown["model"].bytes - empty["model"].bytes == vectors * (384 * 4 + PAYLOAD_PER_VECTOR)
+    assert "L1 cache bound 256 MiB" in grown["model"].formula and "Milvus Lite in the step" in grown["model"].formula
+
+
+def metadata_rows(result: Any) -> int:
+    from tests.helpers import metadata
+
+    return int(metadata(result, "embeddings")["rows"])

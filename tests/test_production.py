@@ -99,14 +99,10 @@ def test_the_run_queue_holds_runs_to_the_memory_limit(production_home: Path) -> 
             assert later.start_time >= earlier.end_time  # one at a time, by the pool
 
 
-def _start_worker(name: str, queues: list[str], env: dict[str, str], log: Path, concurrency: int) -> subprocess.Popen:
-    args = [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y",
-            str(PROJECT / "deploy" / "production" / "celery.yaml"), "-n", name, "-l", "INFO"]
-    for queue in queues:
-        args += ["-q", queue]
-    args += ["--", "-c", str(concurrency)]
-    return subprocess.Popen(args, cwd=PROJECT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+def _start_worker(name: str, queues: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`quiver worker`: as many processes as this machine's memory allows for the queues' classes."""
+    return subprocess.Popen([str(BIN / "quiver"), "worker", queues, "-n", name], cwd=PROJECT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_for_workers(env: dict[str, str], names: list[str], timeout: float = 120) -> None:
@@ -142,11 +138,14 @@ def test_two_celery_workers_share_a_run_by_memory_class(
     os.environ["QUIVER_STORAGE_ROOT"] = env["QUIVER_STORAGE_ROOT"]  # this process registers the sources there too
     subprocess.run([str(BIN / "celery"), "-b", rabbitmq_url, "purge", "-f", "-Q", "io,light,model"], env=env,
                    capture_output=True, timeout=60)
-    # One -q with a comma list: dagster-celery turns each -q into a -Q, and Celery keeps only the last -Q.
-    workers = [_start_worker("iolight", ["io,light"], env, tmp_path / "iolight.log", 2),
-               _start_worker("model", ["model"], env, tmp_path / "model.log", 1)]
+    # The model class needs 2 GiB of a 4 GiB budget here: one model step at a time; io and light two at a time.
+    env.update(QUIVER_MEMORY_NEED_MODEL="2GiB", QUIVER_MEMORY_BUDGET="4GiB", QUIVER_CPU_COUNT="2")
+    workers = [_start_worker("iolight", "io,light", env, tmp_path / "iolight.log"),
+               _start_worker("model", "model", env, tmp_path / "model.log")]
     try:
         _wait_for_workers(env, ["iolight", "model"])
+        assert (tmp_path / "model.log").read_text().startswith("worker model: 1 processes for model")
+        assert (tmp_path / "iolight.log").read_text().startswith("worker iolight: 2 processes for io, light")
         for name, docs in (("papers", scifact_docs(8)), ("notes", scifact_docs(6, start=8))):
             _run([str(BIN / "quiver"), "source", "add", name, str(write_jsonl(tmp_path / f"{name}.jsonl", docs))], env)
             _run([str(BIN / "dagster"), "job", "execute", "-m", "platform_defs", "-j", "ingest_job", "--tags",
@@ -175,11 +174,12 @@ def test_two_celery_workers_share_a_run_by_memory_class(
                 asset_key=AssetKey("embeddings"), asset_partitions=[partition]), limit=1).records[0]
             embedded[partition] = {k: v.value for k, v in record.event_log_entry.asset_materialization.metadata.items()}
             assert embedded[partition]["path"].startswith(f"s3://quiver/root/embeddings/{partition}/")
-    # One long-lived worker process embedded both sources: the model was loaded once, by the first step.
+    # One long-lived worker process embedded both sources, with the model `quiver worker model` preloaded before
+    # the worker forked its process (-i platform_defs.preload): no step loaded it.
     first, second = embedded["papers"], embedded["notes"]
     assert first["step_pid"] == second["step_pid"]
-    assert (first["model_loads_this_step"], second["model_loads_this_step"]) == (1, 0)
-    assert second["model_loads_by_pid"] == {str(second["step_pid"]): 1}
+    assert (first["model_loads_this_step"], second["model_loads_this_step"]) == (0, 0)
+    assert first["model_inherited"] is True and second["model_loads_by_pid"] == {str(first["model_loaded_by_pid"]): 1}
     # Every artifact is on the object store, written by one worker and read by the other.
     import s3fs
 
