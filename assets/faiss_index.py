@@ -88,7 +88,7 @@ def rebuild_version(draft: FaissDraft, store: FileStore, embeddings: Mapping[str
         index.train(np.vstack([vectors_of(b) for b in batches]))
     added = _add_rows(index, draft, batches)
     draft.index = index
-    return {"index_type": kind, "mode": "rebuild", "added": added, "removed": diff.held,
+    return {"index_type": kind, "mode": "rebuild", "added": added, "removed": 0, "dropped": len(diff.stale),
             "changes_since_rebuild": 0}
 
 
@@ -176,6 +176,8 @@ def faiss_index(
             "cache_hit": False, "cache_key": key, "vectors": manifest["ntotal"], "version": draft.version,
             "index_type": manifest["index_type"], "dimension": manifest["dimension"], "mode": facts["mode"],
             "vectors_added": facts["added"], "vectors_removed": facts["removed"], "unchanged": diff.unchanged,
+            # a rebuild writes a new version from scratch: what it no longer holds is left out, not removed
+            **({"vectors_left_out": facts["dropped"]} if facts["mode"] == "rebuild" else {}),
             "partitions": MetadataValue.json(sorted(embeddings)),
             **skipped_metadata(embeddings, len(diff.protected)),
             "build_seconds": MetadataValue.float(round(manifest["build_seconds"], 3)),

@@ -112,12 +112,17 @@ def incremental(res: dict[str, Any], instance: Any, partition: str, source: Path
         return time.perf_counter() - started, meta
 
     def written(meta: dict[str, dict[str, Any]]) -> dict[str, int]:
-        return {"texts_encoded": meta["embeddings"].get("texts_encoded", 0),
-                "milvus_writes": meta["embeddings"].get("milvus_upserted", 0)
-                + meta["embeddings"].get("milvus_deleted", 0) + meta["milvus_collection"].get("upserted", 0)
-                + meta["milvus_collection"].get("deleted", 0),
-                "faiss_writes": meta["faiss_index"].get("vectors_added", 0)
-                + meta["faiss_index"].get("vectors_removed", 0)}
+        """The writes that happened, as the assets' metadata reports them: a rebuild builds a new FAISS version
+        from scratch, so it removes nothing (what the new version no longer holds is dropped, not removed)."""
+        emb, faiss, milvus = meta["embeddings"], meta["faiss_index"], meta["milvus_collection"]
+        counts = {"texts_encoded": emb.get("texts_encoded", 0),
+                  "milvus_upserted": emb.get("milvus_upserted", 0) + milvus.get("upserted", 0),
+                  "milvus_deleted": emb.get("milvus_deleted", 0) + milvus.get("deleted", 0),
+                  "faiss_added": faiss.get("vectors_added", 0),
+                  "faiss_removed": 0 if faiss.get("mode") == "rebuild" else faiss.get("vectors_removed", 0)}
+        counts["milvus_writes"] = counts["milvus_upserted"] + counts["milvus_deleted"]
+        counts["faiss_writes"] = counts["faiss_added"] + counts["faiss_removed"]
+        return counts
 
     first_s, first = run()
     docs = [json.loads(line) for line in source.read_text().splitlines()]
@@ -135,45 +140,70 @@ def incremental(res: dict[str, Any], instance: Any, partition: str, source: Path
     return {"documents": len(docs), "changed_documents": len(range(0, len(docs), step)),
             "chunks": changed["embeddings"]["rows"], "first_s": first_s, "changed_s": changed_s,
             "rebuild_s": rebuild_s, "changed": written(changed), "rebuild": written(rebuild),
-            "faiss_mode": changed["faiss_index"]["mode"]}
+            "faiss_mode": changed["faiss_index"]["mode"], "rebuild_faiss_mode": rebuild["faiss_index"].get("mode"),
+            "metadata": {"changed": changed, "rebuild": rebuild}}
 
 
-def paired_ratio(runs: dict[str, list[dict[str, Any]]], over: str, under: str) -> float:
-    """Median over repeats of over/under, each ratio taken within one repeat: a repeat's modes run back to back,
-    so a machine that speeds up or slows down during the benchmark does not skew the ratio."""
-    return median([a["seconds"] / b["seconds"] for a, b in zip(runs[over], runs[under], strict=True)])
+def ratios(runs: dict[str, list[dict[str, Any]]], over: str, under: str) -> dict[str, Any]:
+    """over/under two ways: the median of the per-repeat ratios (a repeat's modes run back to back, so a machine
+    that drifts during the benchmark does not skew it) and the ratio of the medians (what the table's seconds
+    give). A target is met only when both meet it."""
+    per_repeat = [a["seconds"] / b["seconds"] for a, b in zip(runs[over], runs[under], strict=True)]
+    medians = {mode: median([r["seconds"] for r in runs[mode]]) for mode in (over, under)}
+    return {"median_of_ratios": median(per_repeat), "ratio_of_medians": medians[over] / medians[under],
+            "per_repeat": per_repeat}
+
+
+def both(ratio: dict[str, Any]) -> str:
+    return f"{ratio['median_of_ratios']:.2f}x / {ratio['ratio_of_medians']:.2f}x"
+
+
+def summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """Every figure the tables show for one corpus, computed from its raw runs."""
+    runs = entry["runs"]
+    busy = {stage: median([r["stages"][stage] for r in runs["async"]]) for stage in runs["async"][0]["stages"]}
+    async_vs_embed, speedup = ratios(runs, "async", "embed-only"), ratios(runs, "sync", "async")
+    out: dict[str, Any] = {
+        "median_seconds": {mode: median([r["seconds"] for r in rs]) for mode, rs in runs.items()},
+        "encode_share": busy["encode"] / sum(busy.values()), "async_over_embed_only": async_vs_embed,
+        "async_within_1.1x": max(async_vs_embed["median_of_ratios"], async_vs_embed["ratio_of_medians"]) <= 1.1,
+        "sync_over_async": speedup,
+        "sync_at_least_1.2x": min(speedup["median_of_ratios"], speedup["ratio_of_medians"]) >= 1.2}
+    inc = entry.get("incremental")
+    if inc:
+        changed = inc["changed"]["milvus_writes"] + inc["changed"]["faiss_writes"]
+        rebuild = inc["rebuild"]["milvus_writes"] + inc["rebuild"]["faiss_writes"]
+        out.update(vectors_written_changed=changed, vectors_written_rebuild=rebuild,
+                   vectors_written_fraction=changed / max(rebuild, 1),
+                   wall_fraction=inc["changed_s"] / inc["rebuild_s"])
+    return out
 
 
 def tables(results: dict[str, Any]) -> str:
     rows, inc_rows = [], []
     for name, entry in results["corpora"].items():
-        runs = entry["runs"]
-        med = {mode: median([r["seconds"] for r in rs]) for mode, rs in runs.items()}
-        async_vs_embed = paired_ratio(runs, "async", "embed-only")
-        speedup = paired_ratio(runs, "sync", "async")
-        busy = {stage: median([r["stages"][stage] for r in runs["async"]]) for stage in runs["async"][0]["stages"]}
-        encode_share = busy["encode"] / sum(busy.values())
+        s = summary(entry)
+        med = s["median_seconds"]
         rows.append([name, entry["documents"], entry["chunks"], f"{med['embed-only']:.1f}", f"{med['sync']:.1f}",
-                     f"{med['async']:.1f}", f"{encode_share:.0%}", f"{async_vs_embed:.2f}x", async_vs_embed <= 1.1,
-                     f"{speedup:.2f}x", speedup >= 1.2])
+                     f"{med['async']:.1f}", f"{s['encode_share']:.0%}", both(s["async_over_embed_only"]),
+                     s["async_within_1.1x"], both(s["sync_over_async"]), s["sync_at_least_1.2x"]])
         inc = entry.get("incremental")
         if inc:
-            changed_writes = inc["changed"]["milvus_writes"] + inc["changed"]["faiss_writes"]
-            rebuild_writes = inc["rebuild"]["milvus_writes"] + inc["rebuild"]["faiss_writes"]
-            wall = f"{inc['changed_s']:.1f}s / {inc['rebuild_s']:.1f}s = {inc['changed_s'] / inc['rebuild_s']:.1%}"
+            wall = f"{inc['changed_s']:.1f}s / {inc['rebuild_s']:.1f}s = {s['wall_fraction']:.1%}"
             inc_rows.append([name, f"{inc['changed_documents']}/{inc['documents']}", wall,
                              f"{inc['changed']['texts_encoded']} / {inc['rebuild']['texts_encoded']}",
-                             f"{changed_writes} / {rebuild_writes} = {changed_writes / max(rebuild_writes, 1):.1%}",
-                             inc["faiss_mode"]])
+                             f"{s['vectors_written_changed']} / {s['vectors_written_rebuild']} = "
+                             f"{s['vectors_written_fraction']:.1%}", inc["faiss_mode"]])
     args = results["args"]
     table = print_table(
-        f"Embed and insert ({args['device']}; seconds: medians of {args['repeats']}; ratios: medians of the "
-        "per-repeat ratios)",
+        f"Embed and insert ({args['device']}; seconds: medians of {args['repeats']}; ratios: median of the "
+        "per-repeat ratios / ratio of the medians, a target met only when both meet it)",
         ["corpus", "docs", "chunks", "embed-only", "sync", "async", "encode share of async busy time",
          "async / embed-only", "<= 1.1x", "sync / async", ">= 1.2x"], rows)
     if inc_rows:
         table += "\n" + print_table(
-            "1% of documents changed, against a full rebuild (everything re-encoded and rewritten)",
+            "1% of documents changed, against a full rebuild (everything re-encoded and rewritten; vectors written: "
+            "Milvus upserts and deletes, FAISS additions and removals, as the assets report them)",
             ["corpus", "changed docs", "wall: changed / rebuild", "texts encoded", "vectors written (Milvus+FAISS)",
              "FAISS update"], inc_rows)
     return table
@@ -228,11 +258,10 @@ def main() -> None:
                 runs[mode].append(one_mode(mode, res, chunks, name, args))
                 r = runs[mode][-1]
                 print(f"{name} repeat {repeat + 1} {mode}: {r['seconds']:.1f}s {r.get('stages', '')}", flush=True)
-        entry: dict[str, Any] = {"documents": meta["documents"]["rows"], "chunks": chunks.rows, "runs": runs,
-                                 "async_over_embed_only": paired_ratio(runs, "async", "embed-only"),
-                                 "sync_over_async": paired_ratio(runs, "sync", "async")}
+        entry: dict[str, Any] = {"documents": meta["documents"]["rows"], "chunks": chunks.rows, "runs": runs}
         if not args.skip_incremental:
             entry["incremental"] = incremental(res, instance, name, source, args)
+        entry["summary"] = summary(entry)
         results["corpora"][name] = entry
         from resources.milvus_clients import close_milvus_clients
 

@@ -77,7 +77,9 @@ def main() -> None:
     for stage in (*INGEST_ASSETS, *INDEX_ASSETS):
         m = first[stage]
         rows = m.get("rows", m.get("vectors", 0))
-        stage_rows.append([stage, rows, m["duration_seconds"], m["rows_per_second"], second[stage]["cache_hit"]])
+        # A stage with nothing to do reports no time (milvus_collection, when the embeddings step wrote Milvus).
+        stage_rows.append([stage, rows, m.get("duration_seconds", ""), m.get("rows_per_second", ""),
+                           m.get("cache_hit", False), second[stage]["cache_hit"]])
 
     # Embedding stage vs plain encode of the same texts, interleaved, medians of the repeats.
     chunks_ref = res["store"].read_latest(["chunks"], source)
@@ -88,68 +90,60 @@ def main() -> None:
         t0 = time.perf_counter()
         plain_model.encode(texts, batch_size=pool.batch_size, normalize_embeddings=True, show_progress_bar=False)
         plain.append(len(texts) / (time.perf_counter() - t0))
-        if i == 0:
-            ours.append(first["embeddings"]["rows"] / first["embeddings"]["duration_seconds"])
-        else:
-            # Recompute the stage with the embedding cache off, so every chunk is really encoded again.
-            _, forced = run_pipeline(
-                {"ops": {"embeddings": {"config": {"force": True}}}},
-                {**res, "embedding_cache": EmbeddingCache(l1_enabled=False, l2_enabled=False, l3_enabled=False)},
-            )
-            assert forced["embeddings"]["texts_encoded"] == len(texts)
-            ours.append(forced["embeddings"]["rows"] / forced["embeddings"]["duration_seconds"])
+        # Every repeat recomputes the stage with the embedding cache off, right after the plain encode, so every
+        # chunk is really encoded again and no repeat carries the first run's one-time costs.
+        _, forced = run_pipeline(
+            {"ops": {"embeddings": {"config": {"force": True}}}},
+            {**res, "embedding_cache": EmbeddingCache(l1_enabled=False, l2_enabled=False, l3_enabled=False)},
+        )
+        assert forced["embeddings"]["texts_encoded"] == len(texts)
+        ours.append(forced["embeddings"]["rows"] / forced["embeddings"]["duration_seconds"])
         print(
             f"repeat {i + 1}: embedding stage {ours[-1]:.1f} chunks/s, plain encode {plain[-1]:.1f} texts/s", flush=True
         )
     ratio = median(ours) / median(plain)
     cached_fraction = second_wall / first_wall
 
+    encoded_again = second["embeddings"].get("texts_encoded", 0)
+    targets = [
+        {"measure": "embedding stage / plain encode (median chunks/s)",
+         "value": f"{median(ours):.1f} / {median(plain):.1f} = {ratio:.2f}x", "target": ">= 0.9x", "met": ratio >= 0.9},
+        {"measure": "second run (nothing changed) / first run, wall",
+         "value": f"{second_wall:.1f}s / {first_wall:.1f}s = {cached_fraction:.1%}", "target": "< 10%",
+         "met": cached_fraction < 0.10},
+        {"measure": "texts embedded in the second run", "value": encoded_again, "target": "0",
+         "met": encoded_again == 0},
+    ]
+    headers = ["stage", "rows", "seconds", "rows/s", "1st run cached", "2nd run cached"]
     table1 = print_table(
-        f"Pipeline on the default corpus ({first['documents']['rows']} documents, {len(texts)} chunks), first run",
-        ["stage", "rows", "seconds", "rows/s", "2nd run cached"],
-        stage_rows,
-    )
-    table2 = print_table(
-        "Targets",
-        ["measure", "value", "target", "met"],
-        [
-            [
-                "embedding stage / plain encode (median chunks/s)",
-                f"{median(ours):.1f} / {median(plain):.1f} = {ratio:.2f}x",
-                ">= 0.9x",
-                ratio >= 0.9,
-            ],
-            [
-                "second run (nothing changed) / first run, wall",
-                f"{second_wall:.1f}s / {first_wall:.1f}s = {cached_fraction:.1%}",
-                "< 10%",
-                cached_fraction < 0.10,
-            ],
-            [
-                "texts embedded in the second run",
-                second["embeddings"].get("texts_encoded", 0),
-                "0",
-                second["embeddings"].get("texts_encoded", 0) == 0,
-            ],
-        ],
-    )
+        f"Pipeline on the default corpus ({first['documents']['rows']} documents, {len(texts)} chunks), first run; "
+        f"embedding stage and plain encode at batch size {pool.batch_size}, medians of {args.repeats}",
+        headers, stage_rows)
+    table2 = print_table("Targets", ["measure", "value", "target", "met"], [list(t.values()) for t in targets])
     write_results(
         "pipeline",
         {
+            "args": vars(args),
             "documents": first["documents"]["rows"],
             "chunks": len(texts),
-            "stages": first,
-            "second_run": second,
+            "batch_size": pool.batch_size,
+            "stage_rows": [dict(zip(headers, row, strict=True)) for row in stage_rows],
+            "targets": targets,
             "first_wall_s": first_wall,
             "second_wall_s": second_wall,
             "cached_fraction": cached_fraction,
+            "second_run_texts_encoded": encoded_again,
             "embedding_stage_rate": ours,
             "plain_encode_rate": plain,
-            "ratio_median": ratio,
+            "embedding_stage_rate_median": median(ours),
+            "plain_encode_rate_median": median(plain),
+            "ratio_of_medians": ratio,
+            "ratio_per_repeat": [a / b for a, b in zip(ours, plain, strict=True)],
+            "stages": first,
+            "second_run": second,
             "table": table1 + "\n" + table2,
         },
     )
-
 
 if __name__ == "__main__":
     main()

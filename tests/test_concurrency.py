@@ -41,14 +41,16 @@ def test_limits_from_given_memory_figures() -> None:
 
 def test_environment_overrides_the_budget_and_needs() -> None:
     env = {"QUIVER_MEMORY_BUDGET": "6GiB", "QUIVER_MEMORY_NEED_IO": "1GiB", "QUIVER_CPU_COUNT": "4"}
-    settings = memory_settings(512 * MiB, "measured 2026-11-23", env=env, available=10 * GiB)
+    needs = {"model": (512 * MiB, "measured 2026-11-23"), "io": (768 * MiB, "computed"),
+             "light": (384 * MiB, "computed")}
+    settings = memory_settings(needs, env=env, available=10 * GiB)
     assert settings.budget == 6 * GiB and settings.available == 10 * GiB
     assert settings.needs == {"model": 512 * MiB, "io": GiB, "light": 384 * MiB}
     assert settings.sources["io"] == "QUIVER_MEMORY_NEED_IO" and settings.sources["model"] == "measured 2026-11-23"
     assert settings.sources["budget"] == "QUIVER_MEMORY_BUDGET"
     limits = compute_limits(settings)
     assert (limits.classes["model"].limit, limits.classes["io"].limit) == (4, 1)  # 7 by memory, 4 cores; 1.5
-    assert memory_settings(GiB, "x", env={}, available=10 * GiB, cores=2).budget == 8 * GiB  # 80% of available
+    assert memory_settings(needs, env={}, available=10 * GiB, cores=2).budget == 8 * GiB  # 80% of available
     assert [parse_size(v) for v in ("1024", "1.5GiB", "512MiB", "2G", "2GB")] == [1024, 3 * GiB // 2, 512 * MiB,
                                                                                   2 * GiB, 2 * 10**9]
     with pytest.raises(ValueError, match="not a size: 'lots'"):
@@ -125,7 +127,8 @@ def _execute(home: Path, env: dict[str, str], config: dict[str, Any] | None = No
 def test_a_run_never_runs_more_heavy_steps_than_its_limit(quiver_home: Path, instance: Any) -> None:
     # 300 MiB a model step, a 1500 MiB budget: 60% of it fits 3 at once. 8 cores and max_concurrent 6 are
     # not what binds: the memory limit is.
-    env = _env(quiver_home, QUIVER_MEMORY_NEED_MODEL="300MiB", QUIVER_MEMORY_BUDGET="1500MiB", QUIVER_CPU_COUNT="8")
+    env = _env(quiver_home, QUIVER_MEMORY_NEED_MODEL="300MiB", QUIVER_MEMORY_BUDGET="1500MiB", QUIVER_CPU_COUNT="8",
+               QUIVER_MEMORY_NEED_IO="768MiB", QUIVER_MEMORY_NEED_LIGHT="384MiB")
     run_id, _ = _execute(quiver_home, env, {"execution": {"config": {"max_concurrent": 6}}})
     spans = _steps(instance, [run_id])
     assert len(spans) == 6

@@ -138,8 +138,10 @@ def test_two_celery_workers_share_a_run_by_memory_class(
     os.environ["QUIVER_STORAGE_ROOT"] = env["QUIVER_STORAGE_ROOT"]  # this process registers the sources there too
     subprocess.run([str(BIN / "celery"), "-b", rabbitmq_url, "purge", "-f", "-Q", "io,light,model"], env=env,
                    capture_output=True, timeout=60)
-    # The model class needs 2 GiB of a 4 GiB budget here: one model step at a time; io and light two at a time.
-    env.update(QUIVER_MEMORY_NEED_MODEL="2GiB", QUIVER_MEMORY_BUDGET="4GiB", QUIVER_CPU_COUNT="2")
+    # The model class needs 2 GiB of a 4 GiB budget here: one model step at a time; io and light (256 MiB each)
+    # two at a time (light: 15% of 4 GiB / 256 MiB = 2).
+    env.update(QUIVER_MEMORY_NEED_MODEL="2GiB", QUIVER_MEMORY_BUDGET="4GiB", QUIVER_CPU_COUNT="2",
+               QUIVER_MEMORY_NEED_IO="256MiB", QUIVER_MEMORY_NEED_LIGHT="256MiB")
     workers = [_start_worker("iolight", "io,light", env, tmp_path / "iolight.log"),
                _start_worker("model", "model", env, tmp_path / "model.log")]
     try:
