@@ -89,7 +89,8 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
         }
 
     return cached_partition(context, store, partition, {"documents": documents.sha256},
-                            {**asdict(settings), "tokenizer": model_pool.fingerprint()}, config.force, compute)
+                            {**asdict(settings), "tokenizer": model_pool.tokenizer_fingerprint()}, config.force,
+                            compute)
 
 
 @source_stage(

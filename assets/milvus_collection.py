@@ -108,8 +108,10 @@ def milvus_collection(
         context.log.warning("milvus_collection: the collection's count disagrees with its exact marks; "
                             "comparing every source")
         report = sync_collection(milvus, store, embeddings, digests, force=True)
-    if config.compact:
-        milvus.compact()
+    compaction = milvus.compact() if config.compact else None
+    if compaction not in (None, "Completed", "UndefiedState"):
+        context.log.warning(f"milvus_collection: compaction did not complete in time (state {compaction}); Milvus "
+                            "goes on with it in the background")
     total = milvus.count()
     context.log.info(f"milvus_collection: +{report.upserted} -{report.deleted} ={report.unchanged}, sources synced "
                      f"{report.synced_sources or 'none'}, removed {report.removed_sources or 'none'}; {total} "
@@ -125,6 +127,7 @@ def milvus_collection(
             **skipped_metadata(embeddings, total - expected),
             "uri": milvus.uri if "://" in milvus.uri else MetadataValue.path(milvus.uri),
             "collection": milvus.collection,
+            **({"compaction": compaction} if compaction is not None else {}),
         }),
     )
 

@@ -192,7 +192,8 @@ def main() -> None:
         ["capped / uncapped wall", f"{capped_wall:.1f}s / {uncapped_wall:.1f}s = {ratio:.2f}x", "<= 1.3x",
          ratio <= 1.3],
     ])
-    write_results("concurrency", {"args": vars(args), "measured_run_bytes": measured_run, "per_run_bytes": per_run, "calibration": calibration,
+    write_results("concurrency", {"args": vars(args), "measured_run_bytes": measured_run,
+                                  "per_run_bytes": per_run, "calibration": calibration,
                                   "budget_bytes": budget, "share_bytes": share, "limit": limit,
                                   "results": results, "ratio": ratio, "table": table})
 

@@ -68,13 +68,11 @@ def write_sources(directory: Path, count: int, docs: int) -> list[Path]:
     return files
 
 
-def start_worker(name: str, queues: list[str], concurrency: int, env: dict[str, str], log: Path) -> subprocess.Popen:
-    args = [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y",
-            str(PROJECT / "deploy" / "production" / "celery.yaml"), "-n", name]
-    for queue in queues:
-        args += ["-q", queue]
-    return subprocess.Popen([*args, "--", "-c", str(concurrency)], cwd=PROJECT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+def start_worker(name: str, queues: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A worker as the README starts one: `quiver worker QUEUES`, its processes from this machine's memory limits
+    for the queues' classes, the model worker preloading the model before it forks."""
+    return subprocess.Popen([str(BIN / "quiver"), "worker", queues, "-n", name], cwd=PROJECT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def backfill(mode: str, files: list[Path], work: Path) -> dict[str, Any]:
@@ -101,8 +99,8 @@ def backfill(mode: str, files: list[Path], work: Path) -> dict[str, Any]:
                        capture_output=True)
     workers: dict[str, subprocess.Popen] = {}
     if mode == "celery":
-        workers = {"io+light worker": start_worker("iolight", ["io,light"], 2, env, work / "iolight.log"),
-                   "model worker": start_worker("model", ["model"], 1, env, work / "model.log")}
+        workers = {"io+light worker": start_worker("iolight", "io,light", env, work / "iolight.log"),
+                   "model worker": start_worker("model", "model", env, work / "model.log")}
         time.sleep(8)
     daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "platform_defs"], cwd=PROJECT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -135,7 +133,9 @@ def backfill(mode: str, files: list[Path], work: Path) -> dict[str, Any]:
         milvus.kill()
         drop()
     # Multiprocess: every run's forkserver loads the model. Celery: the model worker, once for all steps.
-    return {"mode": mode, "wall_s": wall, "runs": len(names), "failed_runs": failed,
+    started_as = {label: (work / f"{'model' if 'model' in label else 'iolight'}.log").read_text().splitlines()[0]
+                  for label in workers}  # "worker model: N processes for model (...)"
+    return {"mode": mode, "wall_s": wall, "runs": len(names), "failed_runs": failed, "workers": started_as,
             "model_loads": len(loaders), "peak_rss": {label: s.peak for label, s in samplers.items()}}
 
 
@@ -157,6 +157,7 @@ def main() -> None:
     table = print_table(
         f"Backfill of {args.sources} sources x {args.docs} SciFact documents (ingest_job), production instance",
         ["executor", "wall s", "model loads", "failed runs", "process tree", "peak RSS"], rows)
+    table += "".join(f"\n{line}" for r in results for line in r.get("workers", {}).values())
     write_results("distributed", {"args": vars(args), "results": results, "table": table})
     shutil.rmtree(work, ignore_errors=True)
 

@@ -134,7 +134,7 @@ def concurrent_steps(mode: str, texts_file: Path) -> dict[str, Any]:
     # Four model steps share the cores: one intra-op thread each, in both modes, so none oversubscribes.
     threads = max(1, (os.cpu_count() or 1) // 4)
     config = {"execution": {"config": {"max_concurrent": 4, "start_method": start_method}},
-              "resources": {"model_pool": {"config": {"torch_threads": threads}}}}
+              "resources": {"model_pool": {"config": {"threads": threads}}}}
     script = (
         "import json,sys,time\n"
         "from dagster import DagsterInstance, execute_job, reconstructable\n"

@@ -102,12 +102,14 @@ def main() -> None:
             f"repeat {i + 1}: embedding stage {ours[-1]:.1f} chunks/s, plain encode {plain[-1]:.1f} texts/s", flush=True
         )
     ratio = median(ours) / median(plain)
+    ratio_per_repeat = median([a / b for a, b in zip(ours, plain, strict=True)])
     cached_fraction = second_wall / first_wall
 
     encoded_again = second["embeddings"].get("texts_encoded", 0)
     targets = [
-        {"measure": "embedding stage / plain encode (median chunks/s)",
-         "value": f"{median(ours):.1f} / {median(plain):.1f} = {ratio:.2f}x", "target": ">= 0.9x", "met": ratio >= 0.9},
+        {"measure": "embedding stage / plain encode: ratio of medians (chunks/s); median of per-repeat ratios",
+         "value": f"{median(ours):.1f} / {median(plain):.1f} = {ratio:.2f}x; {ratio_per_repeat:.2f}x",
+         "target": ">= 0.9x", "met": min(ratio, ratio_per_repeat) >= 0.9},
         {"measure": "second run (nothing changed) / first run, wall",
          "value": f"{second_wall:.1f}s / {first_wall:.1f}s = {cached_fraction:.1%}", "target": "< 10%",
          "met": cached_fraction < 0.10},

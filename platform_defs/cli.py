@@ -228,11 +228,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Steps of any listed class may arrive: the smallest limit is the one that fits whatever the mix is.
     concurrency = args.concurrency or min(limits.classes[q].limit for q in queues)
     name = args.name or f"{'-'.join(queues)}-{socket.gethostname()}"
+    if "model" in queues:  # the worker's model steps share its cores, as in the multiprocess executor
+        os.environ.setdefault("QUIVER_MODEL_THREADS", str(max(1, limits.settings.cores // concurrency)))
     command = [str(Path(sys.executable).parent / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
                "-y", args.config, "-q", ",".join(queues), "-n", name,
                *(["-i", "platform_defs.preload"] if "model" in queues else []), "--", "-c", str(concurrency)]
+    threads = f", {os.environ['QUIVER_MODEL_THREADS']} model thread(s) each" if "model" in queues else ""
     print(f"worker {name}: {concurrency} processes for {', '.join(queues)} "
-          f"({'; '.join(f'{q} limit {limits.classes[q].limit}' for q in queues)})", file=sys.stderr, flush=True)
+          f"({'; '.join(f'{q} limit {limits.classes[q].limit}' for q in queues)}){threads}", file=sys.stderr,
+          flush=True)
     if args.dry_run:
         print(" ".join(command))
         return 0
@@ -313,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.add_argument("-n", "--name", help="the worker's name (default: its queues and this host's name)")
     wrk.add_argument("--dry-run", action="store_true", help="print the worker command instead of running it")
     wrk.set_defaults(func=cmd_worker)
+
+    from platform_defs.cli_model import add_parser
+
+    add_parser(sub)
     return parser
 
 

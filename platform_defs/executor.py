@@ -42,6 +42,9 @@ class MemoryPreflightError(QuiverError):
     """A run whose steps cannot fit in the memory available: refused before any step started."""
 
 
+THREADS_ENV = "QUIVER_MODEL_THREADS"
+
+
 def _multiprocess(init_context: InitExecutorContext, config: dict[str, Any]) -> Executor:
     """Dagster's multiprocess executor, created through its own executor definition with this config."""
     return multiprocess_executor.executor_creation_fn(InitExecutorContext(  # type: ignore[misc]
@@ -114,25 +117,52 @@ class MemoryBoundExecutor(Executor):
         plan_context.log.info(check.message)
         if check.refused:
             raise MemoryPreflightError(check.message)
-        if manage_pools():
-            for pool, (was, now) in apply_pools(plan_context.instance, limits).items():
+        if manage_pools():  # a pool nobody set yet gets its limit; one that is set is left as it is (no flapping)
+            for pool, (was, now) in apply_pools(plan_context.instance, limits, only_unset=True).items():
                 plan_context.log.info(f"concurrency pool {pool}: {was} -> {now}")
         record_needs(plan_context, limits)
+        threads = model_threads(limits.settings.cores, check.concurrency.get("model", 1), counts.get("model", 0),
+                                check.max_concurrent)
+        if threads:
+            plan_context.log.info(f"model steps: {threads} intra-op thread(s) each (cores / concurrent model steps)")
+            os.environ[THREADS_ENV] = str(threads)  # inherited by the forkserver this run starts, and its steps
+        try:
+            yield from self._execute_bounded(plan_context, execution_plan, limits, check, memory_class_of)
+        finally:
+            if threads:
+                os.environ.pop(THREADS_ENV, None)
+
+    def _execute_bounded(self, plan_context: Any, execution_plan: Any, limits: Limits, check: Any,
+                         memory_class_of: dict[str, str | None]) -> Iterator[DagsterEvent]:
         bounded = _multiprocess(self._init_context, {
             **self._config, "max_concurrent": check.max_concurrent,
             "tag_concurrency_limits": check.tag_concurrency_limits()})
-        before = oom_counter()
+        run_counter = oom_counter()
+        # Each step's OOM-kill count is read from its own process's cgroup when it starts, so a kill is judged by
+        # what happened in that cgroup while that step ran, not by other runs or earlier steps.
+        counters: dict[str, Any] = {}
         with StepRss() as rss:
             for event in bounded.execute(plan_context, execution_plan):
                 yield event
                 if event.event_type == DagsterEventType.STEP_START and event.step_key and event.pid:
                     rss.watch(event.step_key, event.pid)
+                    counters[event.step_key] = oom_counter(event.pid)
                 if (event.event_type == DagsterEventType.ENGINE_EVENT and event.step_key and event.message
                         and event.message.startswith(CRASH_PREFIX)
                         and f"signal {signal.SIGKILL.value} " in event.message):
                     step = plan_context.for_step(execution_plan.get_step_by_key(event.step_key))
+                    before = counters.get(event.step_key, run_counter)
                     step.log.error(explain_kill(event.step_key, memory_class_of.get(event.step_key), limits,
-                                                before, oom_counter(), rss.peak(event.step_key)))
+                                                before, before.again(), rss.peak(event.step_key)))
+
+
+def model_threads(cores: int, model_limit: int, model_steps: int, max_concurrent: int) -> int | None:
+    """Intra-op threads of each model step, so that the steps running at once do not oversubscribe the cores:
+    cores / concurrent model steps, set for the step processes (QUIVER_MODEL_THREADS, unless set already);
+    None when the run has no model step or the user chose."""
+    if not model_steps or os.environ.get(THREADS_ENV):
+        return None
+    return max(1, cores // max(1, min(model_limit, model_steps, max_concurrent)))
 
 
 def record_needs(plan_context: Any, limits: Limits) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quiver.errors import ModelPoolError
+from quiver.exporters import export_in_subprocess
 from quiver.settings import PROJECT_ROOT
 from resources.model_pool import ModelPool
 
@@ -74,8 +75,13 @@ def forget_footprint(pool: ModelPool) -> None:
 
 def measure_footprint(pool: ModelPool, timeout_s: float = 300) -> tuple[int, int]:
     """(base, model peak) of a fresh process doing what an embedding step does with this pool's configuration."""
+    spec = pool.export_spec()
+    if spec is not None:  # the export is made first (once per machine): its making is not what a step holds
+        export_in_subprocess(spec, Path(pool.export_dir), lambda _message: None)
     config = json.dumps({"model": pool.model, "batch_size": pool.batch_size, "max_seq_length": pool.max_seq_length,
-                         "normalize": pool.normalize})
+                         "normalize": pool.normalize, "backend": pool.backend, "quantization": pool.quantization,
+                         "export_dir": pool.export_dir, "calibration_texts": pool.calibration_texts,
+                         "threads": pool.threads})
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, PROBE_ENV: "1", "PYTHONPATH": path, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     proc = subprocess.run([sys.executable, "-m", "platform_defs.footprint", config], capture_output=True,

@@ -68,14 +68,17 @@ def current_limits(measure: bool = True, log: Any = None) -> Limits:
     return compute_limits(memory_settings({c: (n.bytes, n.formula) for c, n in needs.items()}))
 
 
-def apply_pools(instance: Any, limits: Limits) -> dict[str, tuple[int | None, int]]:
-    """Sets the instance's `quiver-*` pool limits to the computed ones; returns {pool: (was, now)} changed."""
+def apply_pools(instance: Any, limits: Limits, only_unset: bool = False) -> dict[str, tuple[int | None, int]]:
+    """Sets the instance's `quiver-*` pool limits to the computed ones (with `only_unset`, only those not set
+    yet); returns {pool: (was, now)} changed."""
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits:
         return {}
     current = {pool.name: pool.limit for pool in storage.get_pool_limits()}
     changed = {}
     for pool, limit in limits.pool_limits().items():
+        if only_unset and current.get(pool) is not None:
+            continue
         if current.get(pool) != limit:
             storage.set_concurrency_slots(pool, limit)
             changed[pool] = (current.get(pool), limit)

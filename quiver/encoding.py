@@ -28,14 +28,46 @@ class TokenizedBatch:
     tokens: int
 
 
-def plan_batches(texts: list[str], batch_size: int) -> list[list[int]]:
-    """Positions of texts grouped into forward passes, longest first, so that padding stays small.
+def plan_batches(lengths: list[int], batch_size: int, window: int = 4096) -> list[list[int]]:
+    """Positions of texts grouped into forward passes: within each window of `window` texts, longest first by
+    token length, so that a batch's texts have similar lengths and padding stays small; the window bounds
+    what is held at once. Ties keep input order.
 
     Every encoding path uses this one plan, so the same texts always meet the same neighbours and get
     bit-identical vectors, whichever path (sync, async, query) encoded them.
     """
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = []
+    for first in range(0, len(lengths), window):
+        order = sorted(range(first, min(first + window, len(lengths))), key=lambda i: -lengths[i])
+        batches += [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return batches
+
+
+def padded_tokens(lengths: list[int]) -> int:
+    """Tokens a forward pass computes for texts of these lengths, padded to the longest."""
+    return max(lengths, default=0) * len(lengths)
+
+
+def token_lengths(state: "LoadedModel", texts: list[str]) -> list[int]:
+    """Each text's length in the model's tokens (special tokens included, cut at its window); characters for
+    a model whose tokenizer is not a fast one (no padding to avoid there: a static model pads nothing)."""
+    module = state.base[0]
+    tokenizer = getattr(module, "tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return [len(t) for t in texts]
+    cache = getattr(_THREAD_LOCAL, "length_tokenizers", None)
+    if cache is None:
+        cache = _THREAD_LOCAL.length_tokenizers = {}
+    key = (state.fingerprint, os.getpid())
+    counter = cache.get(key)
+    if counter is None:
+        from tokenizers import Tokenizer
+
+        counter = cache[key] = Tokenizer.from_str(backend.to_str())
+        counter.no_padding()
+        counter.enable_truncation(int(module.max_seq_length), strategy="longest_first")
+    return [len(e.ids) for e in counter.encode_batch(texts, add_special_tokens=True)]
 
 
 @dataclass
@@ -48,6 +80,8 @@ class PoolMetrics:
     wait_seconds: float = 0.0
     reloads: int = 0
     failures: int = 0
+    padded_tokens: int = 0  # tokens the forward passes computed, padding included
+    padded_tokens_in_input_order: int = 0  # what batches cut in input order would have computed
 
     def minus(self, earlier: "PoolMetrics") -> "PoolMetrics":
         return PoolMetrics(*(getattr(self, f) - getattr(earlier, f) for f in self.__dataclass_fields__))
@@ -64,6 +98,9 @@ def metrics_metadata(delta: PoolMetrics) -> dict[str, float | int]:
         "texts_per_second": round(delta.texts / seconds, 1) if delta.texts else 0.0,
         "tokens_per_second": round(delta.tokens / seconds, 1) if delta.tokens else 0.0,
         "instance_wait_seconds": round(delta.wait_seconds, 4),
+        "padding_fraction": round(1 - delta.tokens / delta.padded_tokens, 4) if delta.padded_tokens else 0.0,
+        "padding_fraction_in_input_order": round(1 - delta.tokens / delta.padded_tokens_in_input_order, 4)
+        if delta.padded_tokens_in_input_order else 0.0,
         "instance_reloads": delta.reloads,
     }
 

@@ -76,10 +76,14 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def probe_ok(model: Any, dimension: int) -> bool:
-    """Whether a model encodes a probe text into one finite vector of its dimension."""
+def probe_ok(model: Any, dimension: int, preprocess: Any = None) -> bool:
+    """Whether a model encodes a probe text into one finite vector of its dimension (a compiled runner is
+    given the model's preprocessing)."""
     try:
-        vector = model.encode([PROBE_TEXT], convert_to_numpy=True, show_progress_bar=False)
+        if isinstance(model, CompiledRunner):
+            vector = model(preprocess([PROBE_TEXT]))
+        else:
+            vector = model.encode([PROBE_TEXT], convert_to_numpy=True, show_progress_bar=False)
     except Exception:  # noqa: BLE001 - any failure means unhealthy
         return False
     return vector.shape == (1, dimension) and bool(np.isfinite(vector).all())
@@ -103,8 +107,49 @@ def resolve_devices(device: str, instances: int) -> list[str]:
     return [device] * instances
 
 
+class CompiledRunner:
+    """An exported model (ONNX Runtime or OpenVINO) run on tokenized features, with its own intra-op threads.
+
+    Built in the process that runs it, never before a fork: neither runtime's thread pools survive one."""
+
+    def __init__(self, backend: str, directory: Path, inputs: list[str], threads: int) -> None:
+        self.backend, self.inputs = backend, inputs
+        threads = max(1, threads)
+        if backend.startswith("onnx"):
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            # no busy-waiting between runs: the tokenizing and writing threads of the step need those cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(str(directory / "model.onnx"), options,
+                                                providers=["CPUExecutionProvider"])
+            self._run = lambda feed: self.session.run(None, feed)[0]
+        else:
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(str(directory / "model.xml"), "CPU", {
+                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                # fp32 wherever the graph is not int8: OpenVINO would otherwise run bf16 on CPUs that have it
+                "INFERENCE_PRECISION_HINT": "f32"})
+            self.request = compiled.create_infer_request()
+            self._run = lambda feed: self.request.infer(feed)[0]
+
+    def __call__(self, features: dict[str, Any]) -> np.ndarray:
+        feed = {name: np.ascontiguousarray(np.asarray(features[name], dtype=np.int64)) for name in self.inputs}
+        return np.asarray(self._run(feed), dtype=np.float32)
+
+
 def run_forward(model: Any, device: str, features: dict[str, Any], normalize: bool) -> np.ndarray:
     """float32 vectors of tokenized features, on the model's device, L2-normalized when asked."""
+    if isinstance(model, CompiledRunner):
+        vectors = model(features)
+        if normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        return vectors.astype(np.float32, copy=False)
     import torch
 
     with torch.inference_mode():

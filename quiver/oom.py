@@ -21,6 +21,25 @@ class OomCounter:
 
     kills: int | None
     scope: str  # "cgroup <path>" or "host"
+    source: Path | None = None  # the file the count was read from
+
+    def again(self) -> "OomCounter":
+        """The same counter read now (a step's cgroup can be read after the step process is gone)."""
+        if self.scope == "host" or self.source is None:
+            return _host_counter()
+        kills = _read_count(self.source)
+        return OomCounter(kills, self.scope, self.source)
+
+
+def _read_count(events: Path) -> int | None:
+    try:
+        for row in events.read_text().splitlines():
+            name, _, value = row.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    except OSError:
+        pass
+    return None
 
 
 def _cgroup_counter(pid: int | str = "self") -> OomCounter | None:
@@ -32,19 +51,13 @@ def _cgroup_counter(pid: int | str = "self") -> OomCounter | None:
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0" and controllers == "":  # cgroup v2: one unified hierarchy
             events = CGROUP_ROOT / path.lstrip("/") / "memory.events"
-            key = "oom_kill"
         elif "memory" in controllers.split(","):  # cgroup v1: the memory controller's own hierarchy
             events = CGROUP_ROOT / "memory" / path.lstrip("/") / "memory.oom_control"
-            key = "oom_kill"
         else:
             continue
-        try:
-            for row in events.read_text().splitlines():
-                name, _, value = row.partition(" ")
-                if name == key:
-                    return OomCounter(int(value), f"cgroup {path}")
-        except OSError:
-            continue
+        kills = _read_count(events)
+        if kills is not None:
+            return OomCounter(kills, f"cgroup {path}", events)
     return None
 
 
@@ -52,7 +65,7 @@ def _host_counter() -> OomCounter:
     try:
         for line in Path("/proc/vmstat").read_text().splitlines():
             if line.startswith("oom_kill "):
-                return OomCounter(int(line.split()[1]), "host")
+                return OomCounter(int(line.split()[1]), "host", Path("/proc/vmstat"))
     except OSError:
         pass
     return OomCounter(None, "host")

@@ -15,7 +15,7 @@ class IndexSettings:
     index_type: IndexType = "auto"
     auto_approximate_above: int = 200_000  # "auto" stays exact below this many vectors
     auto_approximate_type: Literal["ivf", "hnsw"] = "hnsw"
-    ivf_nlist: int | None = None  # default: 4 * sqrt(n)
+    ivf_nlist: int | None = None  # default: min(4 * sqrt(n), n // 39): FAISS trains on 39 points a list
     ivf_nprobe: int = 16
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200

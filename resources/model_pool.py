@@ -15,12 +15,9 @@ import json
 import os
 import queue
 import socket
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +25,29 @@ import numpy as np
 from dagster import ConfigurableResource, InitResourceContext, get_dagster_logger
 from pydantic import Field
 
-from quiver.encoding import PoolMetrics, TokenizedBatch, plan_batches, thread_preprocessor
+from quiver.backends import (
+    COMPILED_BACKENDS,
+    INT8_BACKENDS,
+    ExportSpec,
+    check_backend,
+    check_exportable,
+    check_quantization,
+    cpu_quantization_config,
+    default_export_dir,
+    library_versions,
+)
+from quiver.encoding import (
+    PoolMetrics,
+    TokenizedBatch,
+    padded_tokens,
+    plan_batches,
+    thread_preprocessor,
+    token_lengths,
+)
 from quiver.errors import ModelPoolError
+from quiver.exporters import export_in_subprocess, model_inputs
 from quiver.models import (
+    CompiledRunner,
     load_sentence_transformer,
     load_tokenizer,
     probe_ok,
@@ -40,61 +57,15 @@ from quiver.models import (
 )
 from quiver.settings import BUNDLED_MODEL, resolve_model
 from resources.env import from_env
-
-# Loads by the pid that performed them. A forked child inherits its parent's entries, so a step
-# process that inherited the model shows the forkserver's pid here and none of its own.
-LOADS_BY_PID: Counter[int] = Counter()
-_STATES: dict[str, "PoolState"] = {}
-_STATES_LOCK = threading.Lock()
-
-
-def loads_in_this_process() -> int:
-    return LOADS_BY_PID[os.getpid()]
-
-
-@dataclass
-class ModelInstance:
-    slot: int
-    device: str
-    model: Any
-    healthy: bool = True
-    failures: int = 0
-    reloads: int = 0
-
-
-@dataclass
-class InstanceSet:
-    """The instances of one (device, count) configuration of a model, in the process that uses them."""
-
-    devices: tuple[str, ...]
-    instances: list[ModelInstance]
-    available: "queue.Queue[ModelInstance]"
-
-
-@dataclass
-class PoolState:
-    """One model in one process: the CPU weights as loaded (or inherited), and its instance sets."""
-
-    fingerprint: str
-    path: str
-    max_seq_length_setting: int | None
-    base: Any
-    dimension: int
-    max_seq_length: int
-    load_seconds: float
-    loaded_by_pid: int
-    instance_sets: dict[tuple[str, int], InstanceSet] = field(default_factory=dict)
-    metrics: PoolMetrics = field(default_factory=PoolMetrics)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    preprocess_lock: threading.Lock = field(default_factory=threading.Lock)
-    # (extra feature entries,) once checked whether the Rust tokenizer reproduces the model's preprocessing;
-    # (None,) when it does not.
-    rust_check: tuple[dict[str, Any] | None] | None = None
-    instance_pid: int = -1  # instance sets are built per process, inside the step, never before a fork
-
-    @property
-    def inherited(self) -> bool:
-        return self.loaded_by_pid != os.getpid()
+from resources.model_state import (  # noqa: F401 - _STATES: the process-wide registry, reset by benchmarks
+    _STATES,
+    _STATES_LOCK,
+    LOADS_BY_PID,
+    InstanceSet,
+    ModelInstance,
+    PoolState,
+    loads_in_this_process,
+)
 
 
 class ModelPool(ConfigurableResource):
@@ -111,8 +82,23 @@ class ModelPool(ConfigurableResource):
     instances: int = Field(default=1, ge=1, description="Independent instances (one per GPU, or CPU copies).")
     max_reload_attempts: int = Field(default=3, ge=1, description="Reloads of a failing instance before giving up.")
     acquire_timeout_s: float = Field(default=600.0, description="Longest wait for a free instance.")
-    torch_threads: int = Field(default=0, ge=0, description="Intra-op CPU threads per process; 0 keeps torch's "
-                               "default. Set cores / concurrent model steps so that steps do not oversubscribe.")
+    threads: int = Field(default_factory=lambda: int(os.environ.get("QUIVER_MODEL_THREADS") or 0), ge=0,
+                         description="Intra-op CPU threads of every backend in a process; 0: cores / concurrent "
+                         "model steps of the run (the memory-bound executor sets QUIVER_MODEL_THREADS), else all "
+                         "cores.")
+    backend: str = Field(default_factory=from_env("QUIVER_MODEL_BACKEND", "torch"),
+                         description="torch, onnx, onnx-int8, openvino, openvino-int8 or static "
+                         "(QUIVER_MODEL_BACKEND); all but torch run an export made once per machine.")
+    quantization: str = Field(default_factory=from_env("QUIVER_MODEL_QUANTIZATION", cpu_quantization_config),
+                              description="int8 kernels: avx2, avx512, avx512_vnni or arm64; default: what this "
+                              "CPU supports (QUIVER_MODEL_QUANTIZATION).")
+    export_dir: str = Field(default_factory=from_env("QUIVER_EXPORT_DIR", lambda: str(default_export_dir())),
+                            description="Where exports are kept, keyed by weights, backend and quantization "
+                            "(QUIVER_EXPORT_DIR; default ~/.cache/quiver/exports).")
+    calibration_texts: int = Field(default=240, ge=8, description="Texts of the bundled default corpus that "
+                                   "calibrate openvino-int8's activation ranges (made once, with the export).")
+    batch_window: int = Field(default=4096, ge=1, description="Texts sorted by token length together before they "
+                              "are cut into batches (less padding); output order is kept.")
 
     @property
     def model_path(self) -> str:
@@ -120,9 +106,34 @@ class ModelPool(ConfigurableResource):
 
     def fingerprint(self) -> str:
         """What determines the vectors: weights (by content, wherever they lie: a moved environment keeps its
-        caches), max length, normalization."""
+        caches), max length, normalization, and for any backend but torch the backend, its quantization and
+        the versions of the libraries that export and run it (torch's fingerprint is as it always was)."""
         parts = [weights_hash(self.model_path), str(self.max_seq_length), str(self.normalize)]
+        spec = self.export_spec()
+        if spec is not None:  # the export's key: backend, int8 config, recipe, calibration, library versions
+            parts += [spec.backend, spec.key()]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
+
+    def tokenizer_fingerprint(self) -> str:
+        """What decides the chunks: the model's own tokenizer and window, whatever backend runs it."""
+        return self.model_copy(update={"backend": "torch"}).fingerprint()
+
+    def export_spec(self) -> ExportSpec | None:
+        """What the backend's export is made of (None for torch, which runs the model as loaded)."""
+        if check_backend(self.backend) == "torch":
+            return None
+        check_exportable(self.model_path, self.backend)
+        return ExportSpec(model_path=self.model_path, weights_sha256=weights_hash(self.model_path),
+                          backend=self.backend, quantization=check_quantization(self.quantization),
+                          max_seq_length=self.configured_window(),
+                          versions=tuple(sorted(library_versions(self.backend).items())),
+                          calibration_texts=self.calibration_texts if self.backend == "openvino-int8" else 0)
+
+    def intra_op_threads(self) -> int:
+        """Threads of each instance: as configured (or given by the executor), else this process's CPUs, shared
+        by the instances."""
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, (self.threads or cpus) // self.instances)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         state = _STATES.get(self.fingerprint())
@@ -145,11 +156,22 @@ class ModelPool(ConfigurableResource):
             if found is not None:
                 return found
             started = time.perf_counter()
-            base = load_sentence_transformer(self.model_path, self.max_seq_length)
+            spec = self.export_spec()
+            # Made in a process of its own (the exporters' thread pools never live in a process that forks
+            # steps, such as the forkserver), once per machine; here only loaded.
+            export = export_in_subprocess(spec, Path(self.export_dir), get_dagster_logger().info) if spec else None
+            # The static backend is its own sentence-transformers model; the compiled ones keep the model's own
+            # preprocessing.
+            static = export is not None and self.backend == "static"
+            base = load_sentence_transformer(str(export) if static else self.model_path,
+                                             None if static else self.max_seq_length)
             state = PoolState(
                 fingerprint=fingerprint, path=self.model_path, max_seq_length_setting=self.max_seq_length,
-                base=base, dimension=int(base.get_embedding_dimension()), max_seq_length=int(base.max_seq_length),
+                base=base, dimension=int(base.get_embedding_dimension()),
+                # a static model reads any length (infinite): the chunks are still cut to the model's window
+                max_seq_length=self.window_tokens() if self.backend == "static" else int(base.max_seq_length),
                 load_seconds=time.perf_counter() - started, loaded_by_pid=os.getpid(),
+                backend=self.backend, export_dir=export,
             )
             LOADS_BY_PID[os.getpid()] += 1
             _STATES[fingerprint] = state
@@ -172,10 +194,10 @@ class ModelPool(ConfigurableResource):
             if state.instance_pid != os.getpid():  # a forked child: its parent's instances are not its own
                 state.instance_sets = {}
                 state.instance_pid = os.getpid()
-                if self.torch_threads:
+                if self.threads:
                     import torch
 
-                    torch.set_num_threads(self.torch_threads)
+                    torch.set_num_threads(self.threads)
             found = state.instance_sets.get(key)
             if found is None:
                 devices = tuple(resolve_devices(self.device, self.instances))
@@ -185,14 +207,23 @@ class ModelPool(ConfigurableResource):
                     # to a GPU never moves the weights another configuration runs on.
                     share = slot == 0 and device == "cpu" and not any(
                         s.instances and s.instances[0].model is state.base for s in state.instance_sets.values())
-                    model = state.base if share else copy.deepcopy(state.base)
-                    if device != "cpu":
-                        model = model.to(device)
+                    if state.backend in COMPILED_BACKENDS:
+                        model = self._runner(state)
+                    else:
+                        model = state.base if share else copy.deepcopy(state.base)
+                        if device != "cpu":
+                            model = model.to(device)
                     instance = ModelInstance(slot, device, model)
                     found.instances.append(instance)
                     found.available.put(instance)
                 state.instance_sets[key] = found
         return state, found
+
+    def _runner(self, state: PoolState) -> CompiledRunner:
+        if self.device not in ("cpu", "auto"):
+            raise ModelPoolError(f"the {state.backend} backend runs on the CPU only; device is {self.device!r}")
+        assert state.export_dir is not None
+        return CompiledRunner(state.backend, state.export_dir, model_inputs(state.base), self.intra_op_threads())
 
     def loaded(self) -> InstanceSet:
         """This pool's instances, built now if they were not yet."""
@@ -201,8 +232,8 @@ class ModelPool(ConfigurableResource):
     def dimension(self) -> int:
         return self.state().dimension
 
-    def window_tokens(self) -> int:
-        """Tokens the model reads of a text (special tokens included), known without loading its weights."""
+    def configured_window(self) -> int:
+        """The window as configured or as the model directory says (0 when neither says), never loading."""
         if self.max_seq_length:
             return self.max_seq_length
         config = Path(self.model_path) / "sentence_bert_config.json"
@@ -210,7 +241,11 @@ class ModelPool(ConfigurableResource):
             value = json.loads(config.read_text()).get("max_seq_length")
             if value:
                 return int(value)
-        return self.state().max_seq_length
+        return 0
+
+    def window_tokens(self) -> int:
+        """Tokens the model reads of a text (special tokens included), known without loading its weights."""
+        return self.configured_window() or self.state().max_seq_length
 
     def tokenizer(self) -> Any:
         """The model's own tokenizer, loaded alone (no weights) and cached per process (preloaded too)."""
@@ -236,20 +271,24 @@ class ModelPool(ConfigurableResource):
             instance_set.available.put(instance)
 
     def _heal(self, state: PoolState, instance: ModelInstance) -> None:
-        if probe_ok(instance.model, state.dimension):
+        if probe_ok(instance.model, state.dimension, thread_preprocessor(state)):
             instance.healthy = True
             return
         last_error = "probe encode failed or returned non-finite vectors"
         for attempt in range(1, self.max_reload_attempts + 1):
             try:
-                fresh = load_sentence_transformer(state.path, state.max_seq_length_setting)
+                if state.backend in COMPILED_BACKENDS:
+                    fresh = self._runner(state)
+                else:
+                    fresh = load_sentence_transformer(str(state.export_dir or state.path),
+                                                      None if state.export_dir else state.max_seq_length_setting)
                 LOADS_BY_PID[os.getpid()] += 1
                 if instance.device != "cpu":
                     fresh = fresh.to(instance.device)
                 instance.reloads += 1
                 with state.lock:
                     state.metrics.reloads += 1
-                if probe_ok(fresh, state.dimension):
+                if probe_ok(fresh, state.dimension, thread_preprocessor(state)):
                     instance.model = fresh
                     instance.healthy = True
                     get_dagster_logger().warning(
@@ -268,14 +307,19 @@ class ModelPool(ConfigurableResource):
         state = self.state()
         started = time.perf_counter()
         preprocess = thread_preprocessor(state)
+        lengths = token_lengths(state, texts)
         batches = []
-        for positions in plan_batches(texts, self.batch_size):
+        for positions in plan_batches(lengths, self.batch_size, self.batch_window):
             features = preprocess([texts[i] for i in positions])
             mask = features.get("attention_mask")
-            tokens = int(mask.sum()) if mask is not None else 0
+            tokens = int(mask.sum()) if mask is not None else sum(lengths[i] for i in positions)
             batches.append(TokenizedBatch(positions, features, tokens))
+        padded = sum(padded_tokens([lengths[i] for i in b.positions]) for b in batches)
+        unsorted = sum(padded_tokens(lengths[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size))
         with state.lock:
             state.metrics.tokenize_seconds += time.perf_counter() - started
+            state.metrics.padded_tokens += padded
+            state.metrics.padded_tokens_in_input_order += unsorted
         return batches
 
     def forward(self, batches: list[TokenizedBatch], rows: int) -> np.ndarray:
@@ -341,6 +385,14 @@ class ModelPool(ConfigurableResource):
             "model_load_seconds": round(state.load_seconds, 3) if not state.inherited else 0.0,
             "model_instances": self.instances,
             "model_device": self.device,
+            "model_backend": self.backend,
+            **({"model_quantization": self.quantization} if self.backend in INT8_BACKENDS else {}),
+            **({"model_export": str(state.export_dir)} if state.export_dir else {}),
+            "model_threads": self.intra_op_threads() if state.backend in COMPILED_BACKENDS else _torch_threads(),
         }
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())

@@ -248,7 +248,8 @@ def test_a_step_killed_by_someone_else_is_not_blamed_on_memory(quiver_home: Path
 
 
 def test_loading_the_definitions_leaves_the_pools_alone(quiver_home: Path, instance: Any) -> None:
-    """Pools change only by an explicit action or when a run starts, never because a process imported the code."""
+    """Pools change only by an explicit action (or a run's start sets one nobody set), never because a process
+    imported the code or a later run read memory differently."""
     storage = instance.event_log_storage
     storage.set_concurrency_slots("quiver-model", 7)
     env = _env(quiver_home, QUIVER_MEMORY_NEED_MODEL="300MiB", QUIVER_MEMORY_BUDGET="1500MiB", QUIVER_CPU_COUNT="8")
@@ -259,6 +260,13 @@ def test_loading_the_definitions_leaves_the_pools_alone(quiver_home: Path, insta
                              env=env, capture_output=True, text=True, timeout=300)
     assert applied.returncode == 0, applied.stderr[-2000:]
     assert {p.name: p.limit for p in storage.get_pool_limits()}["quiver-model"] == 3  # 60% of 1500 / 300
+    # A run that starts while memory looks different leaves a pool that is set alone: pools do not flap with
+    # each run's reading (a fresh instance's first run sets the unset ones: see the heavy-steps test).
+    less = _env(quiver_home, QUIVER_MEMORY_NEED_MODEL="900MiB", QUIVER_MEMORY_BUDGET="1500MiB", QUIVER_CPU_COUNT="8",
+                QUIVER_HEAVY_STEPS="1")
+    run_id, _ = _execute(quiver_home, less)
+    assert any(m.startswith("memory limits: model 1 (900 MiB each") for m in _run_messages(instance, run_id))
+    assert {p.name: p.limit for p in storage.get_pool_limits()}["quiver-model"] == 3
 
 
 def test_a_step_that_cannot_fit_on_its_machine_now_does_not_start(quiver_home: Path, tmp_path: Path,
@@ -299,6 +307,8 @@ def test_a_worker_runs_as_many_steps_as_its_memory_allows(quiver_home: Path) -> 
         command = out.stdout.split()
         assert command[command.index("-q") + 1] == queues and command[-2:] == ["-c", str(concurrency)], out.stdout
         assert ("-i" in command) == (queues == "model")  # the model worker preloads the model before it forks
+        # its model steps share the 8 cores: 8 // 3 intra-op threads each
+        assert ("2 model thread(s) each" in out.stderr) == (queues == "model"), out.stderr[-2000:]
 
 
 def test_index_and_model_needs_are_computed_from_what_the_steps_will_hold(

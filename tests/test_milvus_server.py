@@ -13,7 +13,17 @@ import pytest
 from quiver.errors import QuiverError
 from resources.milvus_clients import close_milvus_clients
 from resources.milvus_store import MilvusStore
-from tests.helpers import MilvusServer, add_source, check_results, index, ingest, metadata, scifact_docs, write_jsonl
+from tests.helpers import (
+    MilvusServer,
+    add_source,
+    check_results,
+    chunk_rows,
+    index,
+    ingest,
+    metadata,
+    scifact_docs,
+    write_jsonl,
+)
 
 DIM = 8
 
@@ -77,8 +87,14 @@ def test_tls_and_authentication_for_real(tmp_path: Path) -> None:
         server.kill()
 
 
-def test_another_database_compaction_and_consistency(shared_milvus_server: MilvusServer) -> None:
-    store = MilvusStore(uri=shared_milvus_server.uri, db_name="quiver_other", collection="dbtest")
+def test_another_database_compaction_and_consistency(shared_milvus_server: MilvusServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUIVER_MILVUS_DB", "quiver_other")  # as a deployment sets it
+    from platform_defs.resources import build_resources
+
+    built = build_resources(resolve_env=True)["milvus"]
+    assert built.db_name == "quiver_other"
+    store = built.model_copy(update={"uri": shared_milvus_server.uri, "collection": "dbtest"})
     store.ensure_collection(DIM)
     from pymilvus import MilvusClient
 
@@ -100,6 +116,10 @@ def test_another_database_compaction_and_consistency(shared_milvus_server: Milvu
 
 def test_an_outage_mid_run_degrades_the_pipeline_and_the_next_run_reconciles(
         quiver_home: Path, tmp_path: Path, instance: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from pymilvus import MilvusClient
+
     from platform_defs.resources import build_resources
 
     server = MilvusServer(tmp_path / "flaky").start()
@@ -107,15 +127,31 @@ def test_an_outage_mid_run_degrades_the_pipeline_and_the_next_run_reconciles(
     resources = build_resources(resolve_env=True)
     resources = {**resources, "milvus": MilvusStore(retry_attempts=2, retry_max_wait_s=0.2, retry_deadline_s=2)}
     try:
-        docs = scifact_docs(12)
+        docs = scifact_docs(60)
         add_source(instance, resources, "papers", write_jsonl(tmp_path / "papers.jsonl", docs[:8]))
         ingest(instance, resources, "papers")
         index(instance, resources)
-        write_jsonl(tmp_path / "papers.jsonl", docs[4:])  # four go, four come
-        server.kill()  # Milvus goes away
+        write_jsonl(tmp_path / "papers.jsonl", docs[4:])  # four go, 52 come
+        held = MilvusClient(uri=server.uri).query("quiver_chunks", filter="id >= 0", output_fields=["id"])
+        before = len(held)
 
-        embedded = metadata(ingest(instance, resources, "papers"), "embeddings")
-        assert "Milvus unavailable" in embedded["milvus_deferred"]  # the Parquet output was made all the same
+        # Milvus goes away while the embeddings step is upserting, a few vectors at a time.
+        ran: dict[str, Any] = {}
+        step = threading.Thread(target=lambda: ran.update(result=ingest(instance, resources, "papers", run_config={
+            "ops": {"embeddings": {"config": {"insert_batch_size": 2, "texts_per_batch": 4}}}})))
+        step.start()
+        watcher = MilvusClient(uri=server.uri)
+        deadline = time.monotonic() + 120
+        while watcher.query("quiver_chunks", filter="id >= 0", output_fields=["id"],
+                            consistency_level="Eventually").__len__() <= before:
+            assert step.is_alive() and time.monotonic() < deadline, "the step never began upserting"
+            time.sleep(0.02)
+        server.kill()
+        step.join(timeout=300)
+        embedded = metadata(ran["result"], "embeddings")
+        deferred = embedded["milvus_deferred"]
+        assert deferred.startswith("Milvus unavailable after ") and int(deferred.split()[3]) > 0, deferred
+        assert embedded["rows"] == len(chunk_rows(resources, "papers"))  # the Parquet output is whole all the same
         outage = index(instance, resources, raise_on_error=False)
         assert metadata(outage, "faiss_index")["cache_hit"] is False  # FAISS is fresh
         assert {h.doc_id for h in resources["faiss_store"].open_current().search(

@@ -152,6 +152,10 @@ def test_multiprocess_steps_inherit_the_preloaded_model(
     assert meta["model_loaded_by_pid"] == forkserver != meta["step_pid"]
     assert meta["model_loads_by_pid"] == {str(forkserver): 1}  # counted in the forkserver, none in the step
     assert meta["model_load_seconds"] == 0.0
+    # one model step in the run: it gets every core the memory limits count (the executor's threads rule)
+    from quiver.memory import memory_settings
+
+    assert meta["model_threads"] == memory_settings({c: (1, "") for c in ("model", "io", "light")}).cores
 
     # Without the preload module the step has to load the model itself, and reports it.
     without = {"execution": {"config": {"preload_model": False}}, "ops": {"embeddings": {"config": {"force": True}}}}

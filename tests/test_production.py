@@ -165,6 +165,9 @@ def test_two_celery_workers_share_a_run_by_memory_class(
         runs = {r.tags.get("dagster/partition", r.job_name): r for r in instance.get_runs()}
         assert all(r.is_success for r in runs.values())
         for partition in ("papers", "notes"):
+            # the run carries each class's need, which every step checks on its worker before it starts
+            assert runs[partition].tags["quiver/need/model"] == str(2 * 2**30)
+            assert int(runs[partition].tags["quiver/need/io"]) == 256 * 2**20
             hosts = _celery_hosts(instance, runs[partition].run_id)
             assert {step: host.split("@")[0] for step, host in hosts.items()} == {
                 "documents": "iolight", "chunks": "iolight", "embeddings": "model"}
