@@ -29,18 +29,17 @@ class TokenizedBatch:
 
 
 def plan_batches(lengths: list[int], batch_size: int, window: int = 4096) -> list[list[int]]:
-    """Positions of texts grouped into forward passes: within each window of `window` texts, longest first by
-    token length, so that a batch's texts have similar lengths and padding stays small; the window bounds
-    what is held at once. Ties keep input order.
+    """Positions of texts grouped into forward passes of `batch_size`: within each window of `window` texts,
+    longest first by token length, so that a batch's texts have similar lengths and padding stays small (a
+    window of 1 keeps input order); the window bounds what is sorted at once. Ties keep input order.
 
     Every encoding path uses this one plan, so the same texts always meet the same neighbours and get
     bit-identical vectors, whichever path (sync, async, query) encoded them.
     """
-    batches = []
+    order: list[int] = []
     for first in range(0, len(lengths), window):
-        order = sorted(range(first, min(first + window, len(lengths))), key=lambda i: -lengths[i])
-        batches += [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    return batches
+        order += sorted(range(first, min(first + window, len(lengths))), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def padded_tokens(lengths: list[int]) -> int:

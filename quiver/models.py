@@ -142,6 +142,12 @@ class CompiledRunner:
         return np.asarray(self._run(feed), dtype=np.float32)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 def run_forward(model: Any, device: str, features: dict[str, Any], normalize: bool) -> np.ndarray:
     """float32 vectors of tokenized features, on the model's device, L2-normalized when asked."""
     if isinstance(model, CompiledRunner):

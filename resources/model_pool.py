@@ -53,6 +53,7 @@ from quiver.models import (
     probe_ok,
     resolve_devices,
     run_forward,
+    torch_threads,
     weights_hash,
 )
 from quiver.settings import BUNDLED_MODEL, resolve_model
@@ -314,8 +315,12 @@ class ModelPool(ConfigurableResource):
             mask = features.get("attention_mask")
             tokens = int(mask.sum()) if mask is not None else sum(lengths[i] for i in positions)
             batches.append(TokenizedBatch(positions, features, tokens))
-        padded = sum(padded_tokens([lengths[i] for i in b.positions]) for b in batches)
-        unsorted = sum(padded_tokens(lengths[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size))
+        if state.backend == "static":  # a static model pads nothing (and its lengths are characters)
+            padded = unsorted = sum(b.tokens for b in batches)
+        else:
+            padded = sum(padded_tokens([lengths[i] for i in b.positions]) for b in batches)
+            unsorted = sum(padded_tokens(lengths[i:i + self.batch_size])
+                           for i in range(0, len(texts), self.batch_size))
         with state.lock:
             state.metrics.tokenize_seconds += time.perf_counter() - started
             state.metrics.padded_tokens += padded
@@ -388,11 +393,5 @@ class ModelPool(ConfigurableResource):
             "model_backend": self.backend,
             **({"model_quantization": self.quantization} if self.backend in INT8_BACKENDS else {}),
             **({"model_export": str(state.export_dir)} if state.export_dir else {}),
-            "model_threads": self.intra_op_threads() if state.backend in COMPILED_BACKENDS else _torch_threads(),
+            "model_threads": self.intra_op_threads() if state.backend in COMPILED_BACKENDS else torch_threads(),
         }
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return int(torch.get_num_threads())

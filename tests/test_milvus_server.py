@@ -127,11 +127,11 @@ def test_an_outage_mid_run_degrades_the_pipeline_and_the_next_run_reconciles(
     resources = build_resources(resolve_env=True)
     resources = {**resources, "milvus": MilvusStore(retry_attempts=2, retry_max_wait_s=0.2, retry_deadline_s=2)}
     try:
-        docs = scifact_docs(60)
+        docs = scifact_docs(36)
         add_source(instance, resources, "papers", write_jsonl(tmp_path / "papers.jsonl", docs[:8]))
         ingest(instance, resources, "papers")
         index(instance, resources)
-        write_jsonl(tmp_path / "papers.jsonl", docs[4:])  # four go, 52 come
+        write_jsonl(tmp_path / "papers.jsonl", docs[4:])  # four go, 28 come
         held = MilvusClient(uri=server.uri).query("quiver_chunks", filter="id >= 0", output_fields=["id"])
         before = len(held)
 
