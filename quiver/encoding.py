@@ -28,6 +28,15 @@ class TokenizedBatch:
     tokens: int
 
 
+def _thread_cache(name: str) -> dict[Any, Any]:
+    """This thread's own dict `name` (per-thread tokenizers: a shared fast tokenizer is not thread-safe)."""
+    cache = getattr(_THREAD_LOCAL, name, None)
+    if cache is None:
+        cache = {}
+        setattr(_THREAD_LOCAL, name, cache)
+    return cache
+
+
 def plan_batches(lengths: list[int], batch_size: int, window: int = 4096) -> list[list[int]]:
     """Positions of texts grouped into forward passes of `batch_size`: within each window of `window` texts,
     longest first by token length, so that a batch's texts have similar lengths and padding stays small (a
@@ -55,10 +64,7 @@ def token_lengths(state: "LoadedModel", texts: list[str]) -> list[int]:
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is None:
         return [len(t) for t in texts]
-    cache = getattr(_THREAD_LOCAL, "length_tokenizers", None)
-    if cache is None:
-        cache = _THREAD_LOCAL.length_tokenizers = {}
-    key = (state.fingerprint, os.getpid())
+    cache, key = _thread_cache("length_tokenizers"), (state.fingerprint, os.getpid())
     counter = cache.get(key)
     if counter is None:
         from tokenizers import Tokenizer
@@ -187,10 +193,7 @@ def exact_rust_preprocessing(state: LoadedModel) -> dict[str, Any] | None:
 def thread_preprocessor(state: LoadedModel) -> Any:
     """This thread's own preprocess function for the model: the Rust tokenizer when it is exact, else
     the model's input module with a private tokenizer (a shared fast tokenizer is not thread-safe)."""
-    cache = getattr(_THREAD_LOCAL, "preprocessors", None)
-    if cache is None:
-        cache = _THREAD_LOCAL.preprocessors = {}
-    key = (state.fingerprint, os.getpid())
+    cache, key = _thread_cache("preprocessors"), (state.fingerprint, os.getpid())
     found = cache.get(key)
     if found is None:
         if state.rust_check is None:
