@@ -6,7 +6,6 @@ import platform
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import psutil
 
+from quiver.sampling import Sampler  # noqa: F401 - the benchmarks import it from here
 from quiver.tables import markdown
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -27,32 +27,6 @@ def fresh_home(prefix: str) -> Path:
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return home
-
-
-class Sampler:
-    """A background thread that calls `sample()` every `interval_s` while the `with` block runs."""
-
-    interval_s = 0.1
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> None:
-        raise NotImplementedError
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def median(values: Sequence[float]) -> float:

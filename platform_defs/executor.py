@@ -11,7 +11,6 @@ memory class, whether the kernel's OOM killer did it, and the limits that were i
 import multiprocessing
 import os
 import signal
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +31,7 @@ from platform_defs.limits import apply_pools, current_limits, manage_pools
 from quiver.errors import QuiverError
 from quiver.memory import MEMORY_TAG, NEED_TAG_PREFIX, Limits, preflight
 from quiver.oom import explain_kill, oom_counter
+from quiver.sampling import Sampler
 
 DEFINITIONS_MODULE = "platform_defs.definitions"
 PRELOAD_MODULE = "platform_defs.preload"
@@ -57,15 +57,16 @@ def default_max_concurrent() -> int:
     return int(os.environ.get("DAGSTER_MULTIPROCESS_EXECUTOR_MAX_CONCURRENT") or multiprocessing.cpu_count())
 
 
-class StepRss:
+class StepRss(Sampler):
     """The peak resident memory of each step process of a run, sampled every 0.2 s while it runs: the
     evidence of what a step held when it was killed."""
 
+    interval_s = 0.2
+
     def __init__(self) -> None:
+        super().__init__()
         self._pids: dict[str, psutil.Process] = {}
         self._peaks: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True, name="quiver-step-rss")
 
     def watch(self, step_key: str, pid: int) -> None:
         try:
@@ -76,21 +77,12 @@ class StepRss:
     def peak(self, step_key: str) -> int | None:
         return self._peaks.get(step_key)
 
-    def _sample(self) -> None:
-        while not self._stop.wait(0.2):
-            for step_key, proc in list(self._pids.items()):
-                try:
-                    self._peaks[step_key] = max(self._peaks.get(step_key, 0), proc.memory_info().rss)
-                except psutil.Error:
-                    self._pids.pop(step_key, None)
-
-    def __enter__(self) -> "StepRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        for step_key, proc in list(self._pids.items()):
+            try:
+                self._peaks[step_key] = max(self._peaks.get(step_key, 0), proc.memory_info().rss)
+            except psutil.Error:
+                self._pids.pop(step_key, None)
 
 
 class MemoryBoundExecutor(Executor):
