@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from quiver.errors import ConfigError, QuiverError
-from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING
+from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING, SOURCE_KIND_NAMES
 from quiver.settings import PROJECT_ROOT, dagster_home
-from quiver.sources import SOURCE_KINDS
+from quiver.warm import WARM_CHILD_ENV, run_through_host
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -36,7 +36,7 @@ def _resources() -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance, execute_job, reconstructable
 
-    from platform_defs.definitions import get_index_job, get_ingest_job
+    from platform_defs.definitions import get_index_job, get_ingest_job, get_refresh_job
     from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
     from platform_defs.runs import config_for_job, failure_message, load_run_config
 
@@ -54,35 +54,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     # INFO keeps the console to what a user wants to follow (progress, results); the UI has everything.
     run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
     file_config = load_run_config(args.config) if args.config else {}
+
+    def run(factory: Any, assets: tuple[str, ...], tags: dict[str, str]) -> Any:
+        return execute_job(reconstructable(factory), instance=instance, tags=tags,
+                           run_config=config_for_job(file_config, assets, run_config))
+
+    if len(names) == 1:  # one run: the source's stages, then both indexes and their checks
+        print(f"==> refreshing source {names[0]!r} (documents -> chunks -> embeddings) and the indexes "
+              "(faiss_index, milvus_collection) in one run", flush=True)
+        result = run(get_refresh_job, (*INGEST_ASSETS, *INDEX_ASSETS), {"dagster/partition": names[0]})
+        if not result.success:
+            print(f"!! the run failed: {failure_message(result)}", file=sys.stderr)
+            return 1
+        _print_summary(res, result)
+        return 0
     failed: list[str] = []
-    for name in names:
+    for name in names:  # a run per source: one bad source does not hold back the others
         print(f"==> ingesting source {name!r} (documents -> chunks -> embeddings)", flush=True)
-        result = execute_job(reconstructable(get_ingest_job), instance=instance, tags={"dagster/partition": name},
-                             run_config=config_for_job(file_config, INGEST_ASSETS, run_config))
+        result = run(get_ingest_job, INGEST_ASSETS, {"dagster/partition": name})
         if not result.success:
             failed.append(name)
             print(f"!! source {name!r} failed: {failure_message(result)}", file=sys.stderr)
     print("==> updating the FAISS index and the Milvus collection", flush=True)
-    result = execute_job(reconstructable(get_index_job), instance=instance,
-                         run_config=config_for_job(file_config, INDEX_ASSETS, run_config))
+    result = run(get_index_job, INDEX_ASSETS, {})
     if not result.success:
         print(f"!! indexing failed: {failure_message(result)}", file=sys.stderr)
         return 1
-    _print_summary(res)
+    _print_summary(res, result)
     return 1 if failed else 0
 
 
-def _print_summary(res: dict[str, Any]) -> None:
-    version = res["faiss_store"].open_current()
-    milvus = res["milvus"]
-    count = milvus.count()
-    milvus.release()
+def _index_facts(result: Any) -> dict[str, dict[str, Any]]:
+    """{asset: metadata} of the index materializations of a run: the summary reads them instead of reopening
+    both stores (opening Milvus Lite alone takes about half a second)."""
+    facts = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization
+        if mat.asset_key.path[-1] in ("faiss_index", "milvus_collection"):
+            facts[mat.asset_key.path[-1]] = {k: v.value for k, v in mat.metadata.items()}
+    return facts
+
+
+def _print_summary(res: dict[str, Any], result: Any) -> None:
+    facts = _index_facts(result)
+    faiss, milvus = facts.get("faiss_index", {}), facts.get("milvus_collection", {})
     print(textwrap.dedent(f"""
         Quiver is ready.
           artifacts (Parquet FileRefs): {res['store'].root}
-          FAISS index:                  {version.directory} ({version.manifest['ntotal']} vectors, \
-{version.manifest['index_type']})
-          Milvus collection:            {milvus.collection!r} at {milvus.uri} ({count} vectors)
+          FAISS index:                  {faiss.get('path', '?')} ({faiss.get('vectors', '?')} vectors, \
+{faiss.get('index_type', '?')})
+          Milvus collection:            {res['milvus'].collection!r} at {res['milvus'].uri} \
+({milvus.get('vectors', '?')} vectors)
           Dagster instance:             {os.environ['DAGSTER_HOME']}
 
         Query it:
@@ -149,10 +171,11 @@ def cmd_reexecute(args: argparse.Namespace) -> int:
     reused, the failed steps and what depends on them run again, with the parent's config and partition."""
     from dagster import DagsterInstance, ReexecutionOptions, execute_job, reconstructable
 
-    from platform_defs.definitions import get_eval_job, get_index_job, get_ingest_job
+    from platform_defs.definitions import get_eval_job, get_index_job, get_ingest_job, get_refresh_job
     from platform_defs.runs import failure_message
 
-    factories = {"ingest_job": get_ingest_job, "index_job": get_index_job, "eval_job": get_eval_job}
+    factories = {"ingest_job": get_ingest_job, "index_job": get_index_job, "refresh_job": get_refresh_job,
+                 "eval_job": get_eval_job}
     instance = DagsterInstance.get()
     parent = instance.get_run_by_id(args.run_id)
     if parent is None:
@@ -267,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = source_sub.add_parser("add", help="register a directory of .md/.txt, a JSONL/Parquet file or BEIR dir")
     add.add_argument("name")
     add.add_argument("path")
-    add.add_argument("--kind", choices=SOURCE_KINDS)
+    add.add_argument("--kind", choices=SOURCE_KIND_NAMES)
     add.add_argument("--chunking", choices=CHUNKING_STRATEGIES, default=DEFAULT_CHUNKING,
                      help="tokens: windows that fit the model (default); whole_document: one chunk per document, "
                           "truncated by the model, as MTEB encodes BEIR corpora")
@@ -319,14 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.set_defaults(func=cmd_worker)
 
     from platform_defs.cli_model import add_parser
+    from platform_defs.cli_warm import add_parser as add_warm_parser
 
     add_parser(sub)
+    add_warm_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     _prepare_environment()
+    if args.func is cmd_run and not os.environ.get(WARM_CHILD_ENV):  # a warm host's child runs it itself
+        code = run_through_host(argv)
+        if code is not None:
+            return code
     try:
         return int(args.func(args) or 0)
     except QuiverError as exc:

@@ -18,7 +18,7 @@ from assets.retrieval_eval import (
     retrieval_eval,
 )
 from platform_defs.executor import job_executor
-from platform_defs.jobs import eval_job, index_job, ingest_job
+from platform_defs.jobs import eval_job, index_job, ingest_job, refresh_job
 from platform_defs.resources import build_resources
 from platform_defs.schedules import evaluation_schedule, index_maintenance_schedule
 from platform_defs.sensors import inbox_sensor, index_automation_sensor
@@ -31,7 +31,7 @@ ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks, ndcg
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[ingest_job, index_job, eval_job],
+    jobs=[ingest_job, index_job, refresh_job, eval_job],
     sensors=[inbox_sensor, index_automation_sensor],
     schedules=[index_maintenance_schedule, evaluation_schedule],
     resources=build_resources(),
@@ -45,6 +45,10 @@ def get_ingest_job():  # noqa: ANN201 - module-level factories for dagster.recon
 
 def get_index_job():  # noqa: ANN201
     return defs.resolve_job_def("index_job")
+
+
+def get_refresh_job():  # noqa: ANN201
+    return defs.resolve_job_def("refresh_job")
 
 
 def get_eval_job():  # noqa: ANN201

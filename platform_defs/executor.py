@@ -19,14 +19,18 @@ import psutil
 from dagster import (
     DagsterEvent,
     DagsterEventType,
+    Enum,
+    EnumValue,
     Executor,
     Field,
     InitExecutorContext,
     executor,
+    in_process_executor,
     multiple_process_executor_requirements,
     multiprocess_executor,
 )
 
+from platform_defs.execution_mode import DEFAULT_IN_PROCESS_MAX_CHUNKS, ExecutionMode, choose_mode
 from platform_defs.limits import apply_pools, current_limits, manage_pools
 from quiver.errors import QuiverError
 from quiver.memory import MEMORY_TAG, NEED_TAG_PREFIX, Limits, preflight
@@ -49,6 +53,13 @@ def _multiprocess(init_context: InitExecutorContext, config: dict[str, Any]) -> 
     """Dagster's multiprocess executor, created through its own executor definition with this config."""
     return multiprocess_executor.executor_creation_fn(InitExecutorContext(  # type: ignore[misc]
         job=init_context.job, executor_def=multiprocess_executor, executor_config=config,
+        instance=init_context.instance))
+
+
+def _in_process(init_context: InitExecutorContext, config: dict[str, Any]) -> Executor:
+    """Dagster's in-process executor: every step in the run's own process, one at a time."""
+    return in_process_executor.executor_creation_fn(InitExecutorContext(  # type: ignore[misc]
+        job=init_context.job, executor_def=in_process_executor, executor_config={"retries": config["retries"]},
         instance=init_context.instance))
 
 
@@ -91,7 +102,8 @@ class MemoryBoundExecutor(Executor):
     def __init__(self, init_context: InitExecutorContext, config: dict[str, Any]) -> None:
         self._init_context = init_context
         self._config = config
-        self._base = _multiprocess(init_context, config)
+        self._multiprocess_config = {k: v for k, v in config.items() if k not in ("mode", "in_process_max_chunks")}
+        self._base = _multiprocess(init_context, self._multiprocess_config)
 
     @property
     def retries(self) -> Any:
@@ -102,8 +114,10 @@ class MemoryBoundExecutor(Executor):
         memory_class_of = {key: execution_plan.get_step_by_key(key).tags.get(MEMORY_TAG)
                            for key in execution_plan.step_keys_to_execute}
         counts = Counter(c for c in memory_class_of.values() if c)
-        check = preflight(limits, counts, self._config.get("max_concurrent") or default_max_concurrent(),
-                          limits.settings.available, limits.settings.fraction)
+        choice = choose_mode(self._config["mode"], self._config["in_process_max_chunks"], plan_context)
+        plan_context.log.info(choice.message)
+        max_concurrent = 1 if choice.in_process else (self._config.get("max_concurrent") or default_max_concurrent())
+        check = preflight(limits, counts, max_concurrent, limits.settings.available, limits.settings.fraction)
         # Log lines of the run (an engine event's metadata needs a private Dagster type): the figures are in them.
         plan_context.log.info(limits.describe())
         plan_context.log.info(check.message)
@@ -113,6 +127,9 @@ class MemoryBoundExecutor(Executor):
             for pool, (was, now) in apply_pools(plan_context.instance, limits, only_unset=True).items():
                 plan_context.log.info(f"concurrency pool {pool}: {was} -> {now}")
         record_needs(plan_context, limits)
+        if choice.in_process:  # one step at a time, in this process: the model loads here only if a step encodes
+            yield from _in_process(self._init_context, self._config).execute(plan_context, execution_plan)
+            return
         threads = model_threads(limits.settings.cores, check.concurrency.get("model", 1), counts.get("model", 0),
                                 check.max_concurrent)
         if threads:
@@ -127,7 +144,7 @@ class MemoryBoundExecutor(Executor):
     def _execute_bounded(self, plan_context: Any, execution_plan: Any, limits: Limits, check: Any,
                          memory_class_of: dict[str, str | None]) -> Iterator[DagsterEvent]:
         bounded = _multiprocess(self._init_context, {
-            **self._config, "max_concurrent": check.max_concurrent,
+            **self._multiprocess_config, "max_concurrent": check.max_concurrent,
             "tag_concurrency_limits": check.tag_concurrency_limits()})
         run_counter = oom_counter()
         # Each step's OOM-kill count is read from its own process's cgroup when it starts, so a kill is judged by
@@ -204,6 +221,14 @@ def quiver_executor(preload_model: bool = True, preload: tuple[str, ...] = (DEFI
             "preload_model": Field(bool, default_value=preload_model,
                                    description="Load the model in the forkserver so steps inherit it."),
             "max_concurrent": Field(int, default_value=0, description="Step processes at once; 0: CPU count."),
+            "mode": Field(Enum("QuiverExecutionMode", [EnumValue(m.value) for m in ExecutionMode]),
+                          default_value=ExecutionMode.AUTO.value,
+                          description="multiprocess: a process per step, forked from the forkserver; in_process: "
+                                      "every step in the run's process, one at a time, the model loaded only if a "
+                                      "step encodes; auto: in_process for a run whose sources held at most "
+                                      "in_process_max_chunks chunks at their last materialization."),
+            "in_process_max_chunks": Field(int, default_value=DEFAULT_IN_PROCESS_MAX_CHUNKS,
+                                           description="The largest run (chunks) auto runs in process."),
             "retries": Field({"enabled": Field(dict, is_required=False), "disabled": Field(dict, is_required=False)},
                              default_value={"enabled": {}}, description="Step retries per RetryPolicy."),
         },
@@ -213,6 +238,7 @@ def quiver_executor(preload_model: bool = True, preload: tuple[str, ...] = (DEFI
         config = init_context.executor_config
         modules = [*preload, *([PRELOAD_MODULE] if config["preload_model"] else [])]
         return MemoryBoundExecutor(init_context, {
+            "mode": config["mode"], "in_process_max_chunks": config["in_process_max_chunks"],
             "max_concurrent": config["max_concurrent"] or None, "tag_concurrency_limits": [],
             "retries": config["retries"], "start_method": {"forkserver": {"preload_modules": modules}}})
 

@@ -1,4 +1,4 @@
-"""Jobs: ingest one source partition (documents -> embeddings), then rebuild the indexes."""
+"""Jobs: ingest one source partition (documents -> embeddings), update the indexes, or both in one run."""
 
 from dagster import AssetSelection, define_asset_job
 
@@ -20,6 +20,13 @@ index_job = define_asset_job(
     description="Bring the FAISS index and the Milvus collection up to date with every source.",
     # No step of this job encodes texts: its forkserver skips the model preload.
     executor_def=job_executor(preload_model=False),
+)
+
+refresh_job = define_asset_job(
+    "refresh_job",
+    selection=AssetSelection.assets(*INGEST_ASSETS, *INDEX_ASSETS),
+    description="Read, chunk and embed one source (a partition), then bring the FAISS index and the Milvus "
+                "collection up to date, with their checks: one run, so a small change is searchable in seconds.",
 )
 
 eval_job = define_asset_job(

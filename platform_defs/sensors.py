@@ -1,7 +1,8 @@
 """Automation: an inbox sensor that turns files into sources, and the sensor that keeps the indexes fresh.
 
 The sensor watches a directory. A new file (or directory) adds its source partition and requests an
-ingest run for it; a file whose content hash changed requests a run for its partition only; a file that
+ingest run for it; a file whose content hash changed requests a run for its partition only (when it is the
+only change of a tick, one run that refreshes the indexes too, so it is searchable seconds later); a file that
 disappeared removes its partition and requests an index run, which deletes its vectors from FAISS and
 Milvus. The cursor records the content hash of each file the sensor has acted on, so ticks are
 idempotent, and a burst of files gives one run per partition. The index assets follow the ingest runs
@@ -10,6 +11,7 @@ by their eager automation condition, which `index_automation_sensor` evaluates. 
 """
 
 import json
+import os
 import time
 
 from dagster import (
@@ -27,7 +29,7 @@ from dagster import (
 from upath import UPath
 
 from assets.common import sources_partitions
-from platform_defs.jobs import index_job, ingest_job
+from platform_defs.jobs import index_job, ingest_job, refresh_job
 from quiver.inbox import InboxUnavailableError, scan_inbox
 from resources.sources import Inbox, SourceRegistry
 
@@ -42,7 +44,12 @@ index_automation_sensor = AutomationConditionSensorDefinition(
                 "Needs `dagster-daemon run`; off until turned on in the UI or with `dagster sensor start`.")
 
 
-@sensor(jobs=[ingest_job, index_job], minimum_interval_seconds=15, default_status=DefaultSensorStatus.STOPPED,
+# Seconds between two looks at the inbox (QUIVER_INBOX_INTERVAL_S where the definitions load; 15 by default).
+INBOX_INTERVAL_S = int(os.environ.get("QUIVER_INBOX_INTERVAL_S", "15"))
+
+
+@sensor(jobs=[ingest_job, index_job, refresh_job], minimum_interval_seconds=INBOX_INTERVAL_S,
+        default_status=DefaultSensorStatus.STOPPED,
         description="Files in the inbox directory are sources: added, changed and removed files are ingested, "
                     "re-ingested and dropped (with their vectors). A missing or unreadable inbox changes nothing.")
 def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: SourceRegistry) -> SensorResult | SkipReason:
@@ -95,6 +102,10 @@ def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: Source
         context.log.info(f"removed from the inbox: {', '.join(removed)}; an index run drops their vectors")
         runs.append(RunRequest(job_name=index_job.name, run_key=f"inbox-removed:{','.join(removed)}:{time.time_ns()}",
                                tags={INBOX_TAG: ",".join(removed)}))
+    if len(runs) == 1 and not removed:  # one source changed: one run ingests it and updates both indexes
+        [only] = runs
+        runs = [RunRequest(job_name=refresh_job.name, partition_key=only.partition_key, run_key=only.run_key,
+                           tags=only.tags)]
     requests = []
     if added:
         requests.append(AddDynamicPartitionsRequest(sources_partitions.name, added))

@@ -8,7 +8,10 @@ asset graph by the caller): what a stage outputs depends on the code that made i
 """
 
 import ast
+import contextlib
 import hashlib
+import json
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -29,9 +32,41 @@ def module_file(module: str, root: Path) -> Path | None:
     return None
 
 
+# sha256 of (module, root, source) -> the project modules it imports. Parsing every module takes most of the
+# definitions' import time, on every `quiver` command and step process: the lists are kept in a file, keyed by
+# the source itself (an edited file is parsed again), and each module is parsed at most once per process.
+_IMPORTS: dict[str, list[str]] = {}
+_IMPORTS_FILE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quiver" / "code-imports.json"
+_IMPORTS_KEPT = 4000
+_loaded_file = False
+
+
 def _imported_modules(module: str, file: Path, root: Path) -> set[str]:
     """Project modules a module imports, at top level or inside functions alike, and its parent packages."""
-    tree = ast.parse(file.read_bytes(), filename=str(file))
+    global _loaded_file
+    source = file.read_bytes()
+    key = hashlib.sha256(b"\x00".join([module.encode(), str(root).encode(), source])).hexdigest()
+    if key not in _IMPORTS and not _loaded_file:
+        _loaded_file = True
+        with contextlib.suppress(OSError, ValueError):
+            _IMPORTS.update(json.loads(_IMPORTS_FILE.read_text()))
+    if key not in _IMPORTS:
+        _IMPORTS[key] = sorted(_parse_imports(module, file, source, root))
+        _save_imports()
+    return set(_IMPORTS[key])
+
+
+def _save_imports() -> None:
+    """Atomically (a reader never sees half a file); an unwritable cache directory only costs the parsing."""
+    with contextlib.suppress(OSError):
+        _IMPORTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _IMPORTS_FILE.with_name(f".{_IMPORTS_FILE.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(_IMPORTS.items())[-_IMPORTS_KEPT:])))  # the newest sources
+        os.replace(tmp, _IMPORTS_FILE)
+
+
+def _parse_imports(module: str, file: Path, source: bytes, root: Path) -> set[str]:
+    tree = ast.parse(source, filename=str(file))
     package = module if file.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = {package} if package else set()
     for node in ast.walk(tree):

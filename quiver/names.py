@@ -26,3 +26,5 @@ def check_source_name(name: object, what: str = "source name") -> str:
 ChunkingStrategy = Literal["tokens", "whole_document"]
 CHUNKING_STRATEGIES: tuple[str, ...] = get_args(ChunkingStrategy)
 DEFAULT_CHUNKING: ChunkingStrategy = "tokens"
+
+SOURCE_KIND_NAMES: tuple[str, ...] = ("stdlib", "files", "jsonl", "parquet", "beir")

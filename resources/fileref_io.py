@@ -92,9 +92,10 @@ class FileRefIOManager(ConfigurableIOManager):
         if not context.has_asset_partitions:
             return self._load(asset, None)
         keys = list(context.asset_partition_keys)
-        if context.has_partition_key and len(keys) == 1:
+        every_partition = context.definition_metadata.get(SKIP_MISSING_PARTITIONS)  # an index over all sources
+        if context.has_partition_key and len(keys) == 1 and not every_partition:
             return self._load(asset, keys[0])  # a partition reads the same partition upstream
-        if not context.definition_metadata.get(SKIP_MISSING_PARTITIONS):
+        if not every_partition:
             return PartitionRefs({key: self._load(asset, key) for key in keys})  # a single-run backfill
         # An index reads every partition that has a good output; one without (a new source whose first run
         # failed, a file removed or changed behind Quiver's back) is skipped and named, never fatal for all.

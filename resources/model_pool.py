@@ -369,15 +369,27 @@ class ModelPool(ConfigurableResource):
         """float32 vectors, L2-normalized when configured, one row per text in order."""
         return self.forward(self.tokenize(texts), len(texts))
 
+    def loaded_state(self) -> PoolState | None:
+        """The process's state for this model if it is loaded already (never loads it)."""
+        return _STATES.get(self.fingerprint())
+
     def metrics(self) -> PoolMetrics:
-        state = self.state()
+        """What this process's pool has done so far (nothing, without loading the model, if it is not loaded)."""
+        state = self.loaded_state()
+        if state is None:
+            return PoolMetrics()
         with state.lock:
             return copy.copy(state.metrics)
 
     def describe(self) -> dict[str, Any]:
-        """Facts for materialization metadata: where the weights came from and what loading cost."""
-        state = self.state()
+        """Facts for materialization metadata: where the weights came from and what loading cost (a step that
+        encoded nothing did not load the model, and says so)."""
+        state = self.loaded_state()
+        if state is None:
+            return {"model": self.model, "model_fingerprint": self.fingerprint(), "model_loaded": False,
+                    "model_backend": self.backend, "host": socket.gethostname(), "step_pid": os.getpid()}
         return {
+            "model_loaded": True,
             "model": self.model,
             "model_fingerprint": state.fingerprint,
             "model_inherited": state.inherited,

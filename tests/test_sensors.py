@@ -43,7 +43,7 @@ def _tick(instance: Any, resources: dict[str, Any], inbox: Inbox, cursor: str | 
 def _ingest_requested(instance: Any, resources: dict[str, Any], result: SensorResult) -> list[str]:
     done = []
     for request in result.run_requests or []:
-        if request.job_name == "ingest_job":
+        if request.job_name in ("ingest_job", "refresh_job"):  # a refresh run's index part: index() below
             ingest(instance, resources, request.partition_key)
             done.append(request.partition_key)
     return done
@@ -66,7 +66,8 @@ def test_inbox_add_change_burst_and_remove(tmp_path: Path, instance: Any, resour
     write_jsonl(box / "alpha.jsonl", docs[:4])
     added = _tick(instance, resources, inbox, first.cursor)
     [run] = added.run_requests
-    assert (run.job_name, run.partition_key, run.tags["quiver/inbox"]) == ("ingest_job", "alpha", "alpha")
+    # the only change of the tick: one run ingests it and updates both indexes
+    assert (run.job_name, run.partition_key, run.tags["quiver/inbox"]) == ("refresh_job", "alpha", "alpha")
     assert added.dynamic_partitions_requests == [AddDynamicPartitionsRequest("sources", ["alpha"])]
     assert resources["sources"].get("alpha").path == str(box / "alpha.jsonl")
     assert instance.get_dynamic_partitions("sources") == ["alpha"]
@@ -83,7 +84,7 @@ def test_inbox_add_change_burst_and_remove(tmp_path: Path, instance: Any, resour
     # Changed content: a run for that partition only.
     write_jsonl(box / "alpha.jsonl", docs[:5])
     changed = _tick(instance, resources, inbox, added.cursor)
-    assert [(r.job_name, r.partition_key) for r in changed.run_requests] == [("ingest_job", "alpha")]
+    assert [(r.job_name, r.partition_key) for r in changed.run_requests] == [("refresh_job", "alpha")]
     assert changed.run_requests[0].run_key != run.run_key and not changed.dynamic_partitions_requests
 
     # A burst: four new sources of three kinds, one run per partition.
