@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,14 @@ SOURCE = "fresh"
 NOOP_TARGET_S, UPDATE_TARGET_S, SENSOR_TARGET_S = 3.0, 4.0, 5.0
 
 
-def quiver(*args: str, env: dict[str, str] | None = None) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall-clock start, seconds, the finished command)."""
+def quiver(*args: str, env: dict[str, str] | None = None,
+           tree: Path = PROJECT) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall-clock start, seconds, the finished command) of `quiver` as a user runs it (from another checkout:
+    its own code, this environment's libraries)."""
     wall, started = time.time(), time.perf_counter()
-    proc = subprocess.run([str(BIN / "quiver"), *args], capture_output=True, text=True, env=env or os.environ,
-                          cwd=PROJECT)
+    command = [str(BIN / "quiver")] if tree == PROJECT else [sys.executable, "-m", "platform_defs.cli"]
+    env = {**(env or os.environ), **({"PYTHONPATH": str(tree)} if tree != PROJECT else {})}
+    proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=tree)
     if proc.returncode:
         raise RuntimeError(f"quiver {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return wall, time.perf_counter() - started, proc
@@ -67,12 +71,19 @@ def run_facts(instance: Any, run_id: str) -> dict[str, Any]:
 
 
 def measure(instance: Any, env: dict[str, str], resources: dict[str, Any], history: History, label: str,
-            cycle: dict[str, int] | None) -> dict[str, Any]:
-    wall, seconds, _proc = quiver("run", "--source", SOURCE, env=env)
-    record = latest_run(instance)
-    facts = run_facts(instance, record.dagster_run.run_id)
+            cycle: dict[str, int] | None, tree: Path = PROJECT) -> dict[str, Any]:
+    known = {r.dagster_run.run_id for r in instance.get_run_records()}
+    wall, seconds, _proc = quiver("run", "--source", SOURCE, env=env, tree=tree)
+    new = [r for r in reversed(instance.get_run_records()) if r.dagster_run.run_id not in known]
+    facts = run_facts(instance, new[0].dagster_run.run_id)
+    for later in new[1:]:  # an older checkout: an ingest run, then an index run
+        more = run_facts(instance, later.dagster_run.run_id)
+        facts["steps"].update(more["steps"])
+        facts["run_last_event"] = more["run_last_event"]
+        facts["texts_embedded"] += more["texts_embedded"]
     steps_s = sum(facts["steps"].values())
     row = {"mode": label, "cycle": cycle, "seconds": round(seconds, 2), "texts_embedded": facts["texts_embedded"],
+           "dagster_runs": len(new),
            "model_loaded": facts["model_loaded"], "steps": facts["steps"],
            "phases": {"cli start to first run event": round(facts["run_first_event"] - wall, 3),
                       "steps": round(steps_s, 3),
@@ -112,6 +123,48 @@ def cli_history(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         quiver("warm", "stop")
     return {"home": str(home), "warm_host_start_s": round(start_s, 1), "runs": rows}
+
+
+def baseline_history(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The same history through an earlier commit's `quiver run` (a worktree of it), in this run."""
+    if not args.baseline_commit:
+        return None
+    tree = Path(tempfile.mkdtemp(prefix="quiver-baseline-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline_commit], cwd=PROJECT,
+                   check=True, capture_output=True)
+    try:
+        home = fresh_home("quiver-bench-freshness-baseline-")
+        from dagster import DagsterInstance
+
+        from platform_defs.resources import build_resources
+
+        history = History(home / "docs", documents=args.documents)
+        history.create()
+        quiver("source", "add", SOURCE, str(history.directory), tree=tree)
+        instance = DagsterInstance.get()
+        resources = build_resources(resolve_env=True)
+        rows = [measure(instance, dict(os.environ), resources, history, "before", None, tree)]
+        for _ in range(args.baseline_repeats):
+            rows.append(measure(instance, dict(os.environ), resources, history, "before", None, tree))
+            rows.append(measure(instance, dict(os.environ), resources, history, "before", history.cycle(), tree))
+        return {"commit": args.baseline_commit, "runs": rows}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=PROJECT, capture_output=True)
+
+
+def import_seconds(repeats: int = 3) -> dict[str, float]:
+    """What a cold `quiver run` pays before any work: each import, in a new interpreter (median)."""
+    found = {}
+    for label, code in (("python alone", "pass"), ("dagster", "import dagster"),
+                        ("the definitions (dagster included)", "import platform_defs.definitions"),
+                        ("model libraries (torch, sentence-transformers)", "import sentence_transformers")):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT)
+            times.append(time.perf_counter() - started)
+        found[label] = round(median(times), 2)
+    return found
 
 
 def sensor_history(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,24 +242,33 @@ def main() -> None:
     parser.add_argument("--noops", type=int, default=3, help="no-op runs measured cold and warm")
     parser.add_argument("--sensor-interval", type=int, default=15, help="the inbox sensor's interval (seconds)")
     parser.add_argument("--skip-daemon", action="store_true")
+    parser.add_argument("--baseline-commit", default="", help="also replay the history through this commit")
+    parser.add_argument("--baseline-repeats", type=int, default=2, help="no-op + cycle pairs of the baseline")
     args = parser.parse_args()
+    imports = import_seconds()
+    baseline = baseline_history(args)
     cli = cli_history(args)
     sensor = None if args.skip_daemon else sensor_history(args)
-    payload = summarize(args, cli, sensor)
+    payload = summarize(args, cli, sensor, baseline, imports)
     write_results("freshness", payload)
 
 
-def summarize(args: argparse.Namespace, cli: dict[str, Any], sensor: dict[str, Any] | None) -> dict[str, Any]:
-    runs = cli["runs"]
+def summarize(args: argparse.Namespace, cli: dict[str, Any], sensor: dict[str, Any] | None,
+              baseline: dict[str, Any] | None, imports: dict[str, float]) -> dict[str, Any]:
+    runs = cli["runs"] + (baseline["runs"] if baseline else [])
 
     def pick(mode: str, update: bool) -> list[dict[str, Any]]:
         return [r for r in runs if r["mode"] == mode and bool(r["cycle"]) == update]
 
     rows = []
-    for mode, update, label in (("first", False, "first run"), ("cold", False, "no-op, cold CLI"),
+    before = f"before ({baseline['commit'][:7]}, two runs)" if baseline else ""
+    for mode, update, label in (("before", False, f"no-op, {before}"), ("before", True, f"one cycle, {before}"),
+                                ("first", False, "first run"), ("cold", False, "no-op, cold CLI"),
                                 ("cold", True, "one cycle, cold CLI"), ("warm", False, "no-op, warm host"),
                                 ("warm", True, "one cycle, warm host")):
         chosen = pick(mode, update)
+        if mode == "before":
+            chosen = chosen[1:] if not update else chosen  # the baseline's first run is its first run
         if chosen:
             seconds = [r["seconds"] for r in chosen]
             rows.append([label, len(chosen), f"{median(seconds):.2f}", f"{min(seconds):.2f}-{max(seconds):.2f}",
@@ -230,8 +292,12 @@ def summarize(args: argparse.Namespace, cli: dict[str, Any], sensor: dict[str, A
     steps = {step: median([r["steps"].get(step, 0.0) for r in update]) for step in update[0]["steps"]} if update else {}
     phase_rows = [[name, f"{s:.3f}"] for name, s in phases.items()] + [[f"  step {k}", f"{v:.3f}"]
                                                                          for k, v in steps.items()]
-    phase_table = print_table("Where one small update's time goes (warm host, median of the cycles)",
-                              ["phase", "seconds"], phase_rows)
+    phase_rows += [[f"import in a new process: {k}", f"{v:.2f}"] for k, v in imports.items()]
+    for label, chosen in (("cold CLI", pick("cold", True)), ("before", pick("before", True))):
+        if chosen:
+            phase_rows += [[f"{label}: {name}", f"{value:.3f}"] for name, value in chosen[0]["phases"].items()]
+    phase_table = print_table("Where one small update's time goes (warm host: median of the cycles; a cold CLI "
+                              "and the baseline: one cycle; imports: median of 3)", ["phase", "seconds"], phase_rows)
     cold_update = pick("cold", True)
     cold_phases = cold_update[0]["phases"] if cold_update else {}
     noop_warm = [r["seconds"] for r in pick("warm", False)]
@@ -255,8 +321,18 @@ def summarize(args: argparse.Namespace, cli: dict[str, Any], sensor: dict[str, A
         targets.append(["inbox sensor: every run launched in the warm host, stores exact",
                         str(all(r["launched_in_warm_host"] and r["exactness"]["exact"] for r in sensor_rows)), "True",
                         all(r["launched_in_warm_host"] and r["exactness"]["exact"] for r in sensor_rows)])
+    if baseline:
+        pairs = [(b["seconds"], w["seconds"]) for b, w in zip(pick("before", True), update, strict=False)]
+        noops = [(b["seconds"], w["seconds"]) for b, w in zip(pick("before", False)[1:], pick("warm", False),
+                                                             strict=False)]
+        for label, pair in (("one cycle", pairs), ("no-op", noops)):
+            if pair:
+                targets.append([f"{label}: before / warm host, median of ratios; ratio of medians",
+                                f"{median([b / w for b, w in pair]):.1f}x; "
+                                f"{median([b for b, _ in pair]) / median([w for _, w in pair]):.1f}x", "", ""])
     target_table = print_table("Targets", ["target", "measured", "goal", "met"], targets)
-    return {"args": vars(args), "cli": cli, "sensor": sensor, "phases_warm_update": phases,
+    return {"args": vars(args), "cli": cli, "sensor": sensor, "baseline": baseline, "imports": imports,
+            "phases_warm_update": phases,
             "steps_warm_update": steps, "phases_cold_update": cold_phases, "targets": targets,
             "table": "\n".join([table, phase_table, target_table])}
 

@@ -12,6 +12,10 @@ from enum import StrEnum
 from typing import Any
 
 DEFAULT_IN_PROCESS_MAX_CHUNKS = 20_000
+MODE_ENV = "QUIVER_EXECUTION_MODE"  # what `auto` (the config's default) means where it is set
+# The jobs whose size auto can tell (the pipeline's; the UI's and `dagster asset materialize`'s asset job); any
+# other job keeps the processes.
+PIPELINE_JOBS = {"ingest_job", "index_job", "refresh_job", "eval_job", "__ASSET_JOB"}
 PARTITION_TAG = "dagster/partition"
 RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 
@@ -85,8 +89,16 @@ def chunks_held(partitions: list[str], resources: dict[str, Any], limit: int) ->
 def choose_mode(mode: str, max_chunks: int, plan_context: Any) -> ModeChoice:
     """The mode of this run, and a log line that says why."""
     mode = ExecutionMode(mode)
+    if mode is ExecutionMode.AUTO and os.environ.get(MODE_ENV):
+        try:
+            mode = ExecutionMode(os.environ[MODE_ENV])
+        except ValueError as exc:
+            raise ValueError(f"{MODE_ENV}={os.environ[MODE_ENV]!r}: use auto, in_process or multiprocess") from exc
     if mode is not ExecutionMode.AUTO:
         return ModeChoice(mode is ExecutionMode.IN_PROCESS, f"execution mode {mode.value} (configured)")
+    if plan_context.dagster_run.job_name not in PIPELINE_JOBS:
+        return ModeChoice(False, f"execution mode multiprocess (auto): {plan_context.dagster_run.job_name} is not "
+                                 "one of the pipeline's jobs")
     from platform_defs.resources import build_resources
 
     partitions = run_partitions(dict(plan_context.dagster_run.tags),

@@ -36,6 +36,8 @@ from quiver.errors import QuiverError
 from quiver.memory import MEMORY_TAG, NEED_TAG_PREFIX, Limits, preflight
 from quiver.oom import explain_kill, oom_counter
 from quiver.sampling import Sampler
+from resources.milvus_clients import close_milvus_clients
+from resources.milvus_store import IN_PROCESS_RUN_ENV
 
 DEFINITIONS_MODULE = "platform_defs.definitions"
 PRELOAD_MODULE = "platform_defs.preload"
@@ -128,7 +130,12 @@ class MemoryBoundExecutor(Executor):
                 plan_context.log.info(f"concurrency pool {pool}: {was} -> {now}")
         record_needs(plan_context, limits)
         if choice.in_process:  # one step at a time, in this process: the model loads here only if a step encodes
-            yield from _in_process(self._init_context, self._config).execute(plan_context, execution_plan)
+            os.environ[IN_PROCESS_RUN_ENV] = plan_context.run_id  # its steps keep Milvus Lite open for the next
+            try:
+                yield from _in_process(self._init_context, self._config).execute(plan_context, execution_plan)
+            finally:
+                os.environ.pop(IN_PROCESS_RUN_ENV, None)
+                close_milvus_clients()  # the run's end gives Milvus Lite back to other processes
             return
         threads = model_threads(limits.settings.cores, check.concurrency.get("model", 1), counts.get("model", 0),
                                 check.max_concurrent)

@@ -239,9 +239,20 @@ class WarmHost:
         except BaseException:  # noqa: BLE001 - reported on the client's terminal, then the child exits
             traceback.print_exc()
         finally:
+            _release_services()
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(code)
+            os._exit(code)  # never the host's own exit handlers
+
+
+def _release_services() -> None:
+    """What a process normally gives back when it exits: a Milvus Lite database and its server process."""
+    try:
+        from resources.milvus_clients import close_milvus_clients
+
+        close_milvus_clients()
+    except Exception:  # noqa: BLE001 - the child exits anyway
+        traceback.print_exc()
 
 
 def execute_launched_run(run_id: str) -> int:

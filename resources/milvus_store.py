@@ -44,6 +44,10 @@ T = TypeVar("T")
 EXACT_MARK = "quiver.exact."
 
 
+# Set by the executor while a run's steps run in its process, one after the other.
+IN_PROCESS_RUN_ENV = "QUIVER_IN_PROCESS_RUN"
+
+
 class MilvusStore(ConfigurableResource):
     """A Milvus collection through MilvusClient: Milvus Lite by default, a server by URI and token."""
 
@@ -97,8 +101,9 @@ class MilvusStore(ConfigurableResource):
         return None
 
     def release(self) -> None:
-        """Give the Milvus Lite database back to the other processes (a server needs nothing)."""
-        if self.is_lite:
+        """Give the Milvus Lite database back to the other processes (a server needs nothing). In a run whose
+        steps all run in one process, the run's end does (opening it again costs each later step half a second)."""
+        if self.is_lite and not os.environ.get(IN_PROCESS_RUN_ENV):
             close_milvus_clients(self.uri)
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:

@@ -202,7 +202,8 @@ def test_the_pipeline_runs_end_to_end_on_onnx_int8(tmp_path: Path, quiver_home: 
     assert resources["model_pool"].backend == "onnx-int8"
     docs = scifact_docs(12)
     add_source(instance, resources, "sci", write_jsonl(tmp_path / "sci.jsonl", docs), "jsonl")
-    env = {**os.environ, "DAGSTER_HOME": str(quiver_home), "PYTHONPATH": str(PROJECT), "QUIVER_CPU_COUNT": "2"}
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home), "PYTHONPATH": str(PROJECT), "QUIVER_CPU_COUNT": "2",
+           "QUIVER_EXECUTION_MODE": "multiprocess"}
     proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "platform_defs",
                            "-j", "ingest_job", "--tags", json.dumps({"dagster/partition": "sci"})], cwd=PROJECT,
                           env=env, capture_output=True, text=True, timeout=300)

@@ -43,7 +43,8 @@ def test_cli_materialize_run_and_search(quiver_home: Path, tmp_path: Path) -> No
         assert latest("small").run_id == latest("extra").run_id
         meta = {k: v.value for k, v in latest("extra").asset_materialization.metadata.items()}
         assert set(meta["partitions"]) == {"small", "extra"}
-        assert meta["model_loads_in_step_process"] == 0 and meta["model_inherited"] is True
+        # a small run runs in process (execution mode auto): one model load there, for both partitions
+        assert meta["model_loads_in_step_process"] == 1 and meta["model_inherited"] is False
 
     # A run config file sets the embed-and-insert pipeline and the index ops of each job it applies to.
     config = tmp_path / "ingest.yaml"

@@ -206,7 +206,7 @@ def test_step_killed_mid_insert_then_rerun_ends_exact(quiver_home: Path, tmp_pat
     # what this test looks at before re-running as a user would.
     config.write_text(json.dumps({"ops": {"embeddings": {"config": {"insert_batch_size": 4, "texts_per_batch": 8}}},
                                   "resources": {"embedding_cache": {"config": {"l3_enabled": False}}},
-                                  "execution": {"config": {"retries": {"disabled": {}}}}}))
+                                  "execution": {"config": {"retries": {"disabled": {}}, "mode": "multiprocess"}}}))
     command = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "platform_defs",
                "--select", "embeddings", "--partition", "big", "-c", str(config)]
     env = dict(os.environ)

@@ -134,7 +134,8 @@ def _execute_ingest(home: Path, partition: str, run_config: dict[str, Any] | Non
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "platform_defs", "-j", "ingest_job",
          "--tags", json.dumps({"dagster/partition": partition}), "-c", str(config)],
-        env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+        env={**os.environ, "DAGSTER_HOME": str(home), "QUIVER_EXECUTION_MODE": "multiprocess"}, capture_output=True,
+        text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with DagsterInstance.get() as inst:
         event = inst.get_latest_materialization_event(AssetKey("embeddings"))

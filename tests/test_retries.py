@@ -196,7 +196,7 @@ def test_reexecution_from_failure_reuses_steps_and_does_nothing_twice(
     config.write_text(json.dumps({
         "ops": {"embeddings": {"config": {"insert_batch_size": 4, "texts_per_batch": 8}},
                 "chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}},
-        "execution": {"config": {"retries": {"disabled": {}}}}}))
+        "execution": {"config": {"retries": {"disabled": {}}, "mode": "multiprocess"}}}))
     fingerprint = resources["model_pool"].fingerprint()
     segments = quiver_home / "artifacts" / "_embedding_cache" / fingerprint
     proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "platform_defs",
