@@ -33,6 +33,8 @@ from dagster import (
 from pydantic import Field
 
 from assets.common import (
+    OWNERS,
+    STORAGE_KIND,
     fail_fast_unless_transient,
     memory_class,
     run_metadata,
@@ -203,7 +205,9 @@ def _table_metadata(evaluations: dict[str, StoreEvaluation], queries: int) -> Me
     io_manager_key="fileref_io_manager",
     output_required=False,
     group_name="evaluation",
-    kinds={"parquet"},
+    kinds={"python", "parquet"},
+    owners=OWNERS,
+    tags={STORAGE_KIND: "parquet"},
     **memory_class("model"),
     description="nDCG@10, Recall@100 and MRR@10 of the FAISS index and the Milvus collection on a BEIR source's "
                 "judged queries; per-query scores as Parquet. Sources without queries and qrels are skipped.",

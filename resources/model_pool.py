@@ -143,7 +143,7 @@ class ModelPool(ConfigurableResource):
             log.info(f"model {self.model} is not preloaded in pid {os.getpid()}: it will be loaded here on first "
                      "use (is platform_defs.preload in the executor's preload_modules?)")
         elif state.inherited:
-            log.info(f"model {self.model} inherited from pid {state.loaded_by_pid} (forkserver preload): no load")
+            log.info(f"model {self.model} inherited from {state.loaded_where}, loaded in {state.load_seconds:.1f}s")
 
     # -- loading ---------------------------------------------------------------------------------
     def state(self) -> PoolState:
@@ -370,7 +370,9 @@ class ModelPool(ConfigurableResource):
         return self.forward(self.tokenize(texts), len(texts))
 
     def metrics(self) -> PoolMetrics:
-        state = self.state()
+        """What the model did in this process so far; zeros, without loading it, when it is not loaded."""
+        if (state := _STATES.get(self.fingerprint())) is None:
+            return PoolMetrics()
         with state.lock:
             return copy.copy(state.metrics)
 
@@ -387,7 +389,8 @@ class ModelPool(ConfigurableResource):
             "host": socket.gethostname(),
             "step_pid": os.getpid(),
             "step_parent_pid": os.getppid(),
-            "model_load_seconds": round(state.load_seconds, 3) if not state.inherited else 0.0,
+            "model_load_seconds": round(state.load_seconds, 3),
+            "model_loaded_in": state.loaded_where,
             "model_instances": self.instances,
             "model_device": self.device,
             "model_backend": self.backend,

@@ -70,3 +70,11 @@ class PoolState:
     @property
     def inherited(self) -> bool:
         return self.loaded_by_pid != os.getpid()
+
+    @property
+    def loaded_where(self) -> str:
+        """Where the weights this process uses were loaded, in words."""
+        if self.inherited:
+            return (f"pid {self.loaded_by_pid}, before it forked this step's process (a preload: the executor's "
+                    "forkserver, or a Celery worker)")
+        return f"this step's process (pid {self.loaded_by_pid})"

@@ -39,8 +39,12 @@ def index(instance: DagsterInstance, resources: dict[str, Any], run_config: dict
 
 
 def check_results(result: ExecuteInProcessResult) -> dict[str, Any]:
-    """{check name: evaluation} of the asset checks a run executed."""
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+    """{"asset:check": evaluation} of the asset checks a run executed, and {check name: evaluation} for the
+    names only one asset's check has (both indexes have a check `matches_chunks`)."""
+    evaluations = result.get_asset_check_evaluations()
+    names = [e.check_name for e in evaluations]
+    return {**{e.check_name: e for e in evaluations if names.count(e.check_name) == 1},
+            **{f"{e.asset_key.to_user_string()}:{e.check_name}": e for e in evaluations}}
 
 
 def metadata(result: ExecuteInProcessResult, asset: str) -> dict[str, Any]:

@@ -43,7 +43,8 @@ def test_cli_materialize_run_and_search(quiver_home: Path, tmp_path: Path) -> No
         assert latest("small").run_id == latest("extra").run_id
         meta = {k: v.value for k, v in latest("extra").asset_materialization.metadata.items()}
         assert set(meta["partitions"]) == {"small", "extra"}
-        assert meta["model_loads_in_step_process"] == 0 and meta["model_inherited"] is True
+        model = meta["details"]["model"]
+        assert model["model_loads_in_step_process"] == 0 and model["model_inherited"] is True
 
     # A run config file sets the embed-and-insert pipeline and the index ops of each job it applies to.
     config = tmp_path / "ingest.yaml"
@@ -54,7 +55,7 @@ def test_cli_materialize_run_and_search(quiver_home: Path, tmp_path: Path) -> No
     assert "quiver search" in run.stdout
     with DagsterInstance.get() as instance:
         embedded = latest_metadata(instance, "embeddings", "small")
-        assert embedded["pipeline_mode"] == "sync" and embedded["cache_hit"] is False
+        assert embedded["details"]["pipeline"]["pipeline_mode"] == "sync" and embedded["cache_hit"] is False
         assert embedded["milvus_unchanged"] == embedded["rows"]  # same vectors: nothing to rewrite
         assert latest_metadata(instance, "faiss_index")["mode"] == "rebuild"
     listed = _run([str(BIN / "quiver"), "source", "list"], quiver_home)

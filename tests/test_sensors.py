@@ -299,7 +299,7 @@ def test_a_burst_of_inbox_files_through_a_real_daemon_ends_in_exact_stores(tmp_p
     assert all(r.dagster_run.is_success for r in ingests), [(r.dagster_run.run_id, r.dagster_run.status)
                                                              for r in ingests]
     assert sorted(r.dagster_run.tags["dagster/partition"] for r in ingests) == [f"burst{i}" for i in range(3)]
-    assert _checks(instance) == {"faiss_index_matches_chunks": True, "milvus_collection_matches_chunks": True}
+    assert _checks(instance) == {"faiss_index:matches_chunks": True, "milvus_collection:matches_chunks": True}
     from platform_defs.resources import build_resources
 
     assert_stores_exact(build_resources(resolve_env=True), {
@@ -307,10 +307,10 @@ def test_a_burst_of_inbox_files_through_a_real_daemon_ends_in_exact_stores(tmp_p
 
 
 def _checks(instance: Any) -> dict[str, bool]:
-    """{check name: passed} of the latest evaluation of each asset check in the instance."""
+    """{"asset:check": passed} of the latest evaluation of each asset check in the instance."""
     from dagster import DagsterEventType, EventRecordsFilter
 
     records = instance.get_event_records(EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION),
                                          ascending=True)
-    return {r.event_log_entry.dagster_event.event_specific_data.check_name:
-            r.event_log_entry.dagster_event.event_specific_data.passed for r in records}
+    evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
+    return {f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed for e in evaluations}
