@@ -47,6 +47,9 @@ warnings.filterwarnings("ignore", category=BetaWarning)
 warnings.filterwarnings("ignore", category=PreviewWarning)
 
 sources_partitions = DynamicPartitionsDefinition(name="sources")
+# retrieval_eval's partitions: only the sources with judged queries (queries.jsonl and qrels/), so that a source
+# without them (the stdlib corpus, a JSONL file) is not an evaluation shown missing forever.
+judged_sources_partitions = DynamicPartitionsDefinition(name="judged_sources")
 # A backfill over many sources runs once, so the model is loaded once for all of them.
 single_run_backfill = BackfillPolicy.single_run()
 

@@ -95,11 +95,12 @@ def _print_summary(res: dict[str, Any]) -> None:
 
 def cmd_source(args: argparse.Namespace) -> int:
     from platform_defs.runs import add_partition, remove_partition
+    from quiver.beir import is_judged
 
     registry = _resources()["sources"]
     if args.action == "add":
         spec = registry.add(args.name, args.path, args.kind, args.chunking)
-        add_partition(spec.name)
+        add_partition(spec.name, judged=spec.kind == "beir" and is_judged(spec.path))
         print(f"added source {spec.name!r}: {spec.kind} at {spec.path}")
     elif args.action == "remove":
         removed = registry.remove(args.name)
@@ -291,9 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--aggregation", choices=["max", "sum", "mean"], default="max",
                     help="how a document's score comes from its chunks (default max)")
     ev.add_argument("--store", choices=["both", "faiss", "milvus"], default="both")
-    ev.add_argument("--ndcg-floor", type=float, default=None, help="fail when nDCG@10 is below this")
+    ev.add_argument("--ndcg-tolerance", type=float, default=None,
+                    help="fail when nDCG@10 drops more than this below the last passing evaluation with the same "
+                         "settings (default 0.01)")
+    ev.add_argument("--ndcg-floor", type=float, default=None,
+                    help="also fail when nDCG@10 is below this absolute floor (default: no floor)")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
-    ev.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
+    ev.add_argument("--log-level", default="CRITICAL", choices=[*LOG_LEVELS, "CRITICAL"],
+                    help="console log level of the Dagster runs (default CRITICAL: the command prints its own "
+                         "report and verdicts; the UI has every event)")
     ev.set_defaults(func=cmd_eval)
 
     rex = sub.add_parser("reexecute", help="re-execute a run, from its failure by default")

@@ -25,7 +25,7 @@ def evaluate(args: argparse.Namespace) -> int:
     name = args.name or UPath(path).name + ("-whole" if args.chunking == "whole_document" else "")
     res = build_resources(resolve_env=True)
     res["sources"].add(name, path, "beir", args.chunking)
-    add_partition(name)
+    add_partition(name, judged=True)
     instance = DagsterInstance.get()
     logging = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
     steps = [("ingesting", get_ingest_job, {"dagster/partition": name}, {}),
@@ -56,6 +56,8 @@ def eval_ops_config(args: argparse.Namespace) -> dict[str, Any]:
                                                          "stores": args.store}}}
     if args.ndcg_floor is not None:
         ops["retrieval_eval_ndcg_at_10_above_floor"] = {"config": {"floor": args.ndcg_floor}}
+    if args.ndcg_tolerance is not None:
+        ops["retrieval_eval_ndcg_at_10_no_regression"] = {"config": {"tolerance": args.ndcg_tolerance}}
     return ops
 
 

@@ -11,6 +11,8 @@ from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, materiali
 from bench.milvus_server import MilvusServer, free_port  # noqa: F401 - the real server, shared with bench
 from platform_defs.definitions import ALL_ASSETS, ALL_CHECKS
 from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
+from platform_defs.runs import add_partition
+from quiver.beir import is_judged
 from quiver.hashing import vector_id, vector_key
 from tests.conftest import DATASETS
 
@@ -19,9 +21,8 @@ SCIFACT = DATASETS / "scifact"
 
 def add_source(instance: DagsterInstance, resources: dict[str, Any], name: str, path: str | Path,
                kind: str | None = None) -> None:
-    resources["sources"].add(name, str(path), kind)
-    if name not in instance.get_dynamic_partitions("sources"):
-        instance.add_dynamic_partitions("sources", [name])
+    spec = resources["sources"].add(name, str(path), kind)
+    add_partition(name, instance, judged=spec.kind == "beir" and is_judged(spec.path))
 
 
 def ingest(instance: DagsterInstance, resources: dict[str, Any], partition: str,
