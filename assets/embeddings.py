@@ -104,8 +104,9 @@ def embedding_report(result: PartitionVectors, delta: PoolMetrics, stats: CacheS
         "milvus_upserted": result.upserted, "milvus_deleted": result.deleted, "milvus_unchanged": result.unchanged})
     metadata = {
         "texts_encoded": delta.texts, "tokens_encoded": delta.tokens,
-        **({"texts_per_second": encoding["texts_per_second"],
-            "tokens_per_second": encoding["tokens_per_second"]} if delta.texts else {}),
+        **({"texts_per_second": MetadataValue.float(rounded(delta.texts / delta.encode_seconds)),
+            "tokens_per_second": MetadataValue.float(rounded(delta.tokens / delta.encode_seconds))}
+           if delta.texts and delta.encode_seconds else {}),
         "embedding_cache_hit_rate": MetadataValue.float(round(found / rows, 4) if rows else 0.0), **milvus,
     }
     on = [level.upper() for level in LEVELS if levels[level]]

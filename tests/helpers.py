@@ -110,3 +110,40 @@ def scifact_docs(n: int, start: int = 0) -> list[dict[str, Any]]:
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def run_on_a_terminal(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[Any, str]:
+    """Runs a command whose stderr is a pseudo-terminal (as when a person runs it) and stdout a pipe: the
+    finished process (stdout captured) and everything it wrote to the terminal."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal of 160 columns
+    seen: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the other end closed: the process is gone
+                return
+            if not data:
+                return
+            seen.append(data)
+
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    finally:
+        reader.join(timeout=10)
+        os.close(master)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, ""), b"".join(seen).decode(errors="replace")

@@ -19,7 +19,7 @@ from quiver.errors import InputError
 from quiver.report import when_text
 from quiver.retrieval import mean_metrics, query_metrics, rank_documents, search_documents, top_k_agreement
 from tests.conftest import PROJECT
-from tests.helpers import add_source, check_results, index, ingest, metadata, write_jsonl
+from tests.helpers import add_source, check_results, index, ingest, metadata, run_on_a_terminal, write_jsonl
 
 TINY = PROJECT / "tests" / "fixtures" / "tiny_beir"
 EVAL_CHECKS = ("ndcg_at_10_no_regression", "ndcg_at_10_above_floor", "faiss_and_milvus_agree",
@@ -298,10 +298,12 @@ def test_cli_eval_passes_a_naturally_low_score_and_fails_a_drop_with_its_verdict
                                              "q4\td1\t1\n")
     env = {**os.environ, "DAGSTER_HOME": str(quiver_home), "HF_HUB_OFFLINE": "1"}
     quiver = str(Path(sys.executable).parent / "quiver")
-    first = subprocess.run([quiver, "eval", str(beir), "--json"], cwd=PROJECT, env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
-    report = json.loads(first.stdout)
+    # stderr on a terminal, as a person runs it: a bar of the three jobs it waits for, with the time elapsed
+    first, terminal = run_on_a_terminal([quiver, "eval", str(beir), "--json"], env, PROJECT, 600)
+    assert first.returncode == 0, first.stdout + terminal[-3000:]
+    assert "quiver eval hard: 0/3 steps" in terminal and "ingesting 'hard'" in terminal
+    assert "quiver eval hard: 3/3 steps" in terminal and "evaluating 'hard'" in terminal
+    report = json.loads(first.stdout)  # stdout stays one JSON document
     low = report["stores"]["faiss"]["ndcg@10"]
     assert low < 0.5 and all(c["passed"] for c in report["checks"].values())
     assert report["checks"]["ndcg_at_10_above_floor"]["description"].startswith("no floor set")
@@ -321,6 +323,8 @@ def test_cli_eval_passes_a_naturally_low_score_and_fails_a_drop_with_its_verdict
     assert verdict.startswith("FAIL  ndcg_at_10_no_regression: nDCG@10 dropped more than 0.01 below the last passing "
                               "evaluation (run ")
     assert f"faiss {low:.5f} -> {now:.5f}" in verdict and "queries got worse: q1 (faiss " in verdict
+    # not on a terminal: the plain lines, no bar
+    assert "==> evaluating 'hard'" in second.stderr and "steps |" not in second.stderr
     for output in (second.stdout, second.stderr):
         assert not [word for word in ("Traceback", "Stack Trace", "DagsterAssetCheckFailedError") if word in output]
 
