@@ -158,7 +158,7 @@ def faiss_index(
             metadata={
                 SUMMARY: MetadataValue.md(summary_markdown(
                     f"Cache hit: FAISS version {cached} is current again, nothing rebuilt",
-                    [f"Built by run {run_text(made['run_id'])}, {when_text(made['made_at'])}: "
+                    [f"Built by {run_text(made['run_id'])}, {when_text(made['made_at'])}: "
                      + build_line(manifest), f"Same inputs and index settings: cache key `{key}`"])),
                 "cache_hit": True, "cache_key": key, **run_link(made["run_id"]),
                 **({"reused_made_at": MetadataValue.timestamp(made["made_at"])} if made["made_at"] else {}),

@@ -103,7 +103,7 @@ def milvus_collection(
             made = unchanged_since(context, version.value)
             lines = ["Every source's exact mark matches its embeddings: the collection already holds exactly "
                      "these vectors (written by the embeddings steps or an earlier sync)",
-                     f"Unchanged since run {run_text(made.get('run_id'))}" if made else
+                     f"Unchanged since {run_text(made.get('run_id'))}" if made else
                      "No earlier materialization of this content to name: the embeddings steps wrote it",
                      f"{expected:,} vectors in {milvus.collection!r} ({milvus.index_type}, inner product)"]
             return MaterializeResult(data_version=version, metadata={

@@ -87,7 +87,7 @@ def run_link(run_id: str | None) -> dict[str, Any]:
 
 def hit_lines(made: Mapping[str, Any], noun: str) -> list[str]:
     """Summary lines of a hit: which run made the output, when, and what that run reported."""
-    lines = [f"Output of run {run_text(made.get('run_id'))} reused, made {when_text(made.get('made_at'))}"
+    lines = [f"Output of {run_text(made.get('run_id'))} reused, made {when_text(made.get('made_at'))}"
              + (f": {count_text(made['rows'])} {noun} in {seconds_text(made['seconds'])}"
                 if "rows" in made and "seconds" in made else "")]
     lines += [f"That run: {line}" for line in made.get("summary", [])]
@@ -126,7 +126,7 @@ def _several(results: Mapping[str, PartitionResult], seconds: float, noun: str, 
     lines = []
     for p, r in results.items():
         if r.cache_hit:
-            lines.append(f"{p}: cache hit, output of run {run_text(r.made.get('run_id'))} reused")
+            lines.append(f"{p}: cache hit, output of {run_text(r.made.get('run_id'))} reused")
         else:
             lines.append(f"{p}: {count_text(r.ref.rows)} {noun} computed" + (
                 f" ({'; '.join(r.report.summary)})" if r.report.summary else ""))

@@ -76,7 +76,7 @@ def judge(now: Evaluation, baseline: Evaluation | None, tolerance: float, source
     drops = {s: round(baseline.mean(s) - now.mean(s), 6) for s in shared}
     failing = {s: d for s, d in drops.items() if d > tolerance + 1e-12}
     worse = worse_queries(baseline, now, limit=0)
-    since = f"the last passing evaluation (run {run_text(baseline.run_id).strip('`')}, {when_text(baseline.made_at)})"
+    since = f"the last passing evaluation ({run_text(baseline.run_id).replace('`', '')}, {when_text(baseline.made_at)})"
     if failing:
         moves = "; ".join(f"{s} {baseline.mean(s):.5f} -> {now.mean(s):.5f} (-{d:.5f})" for s, d in failing.items())
         examples = ", ".join(f"{w['query_id']} ({w['store']} {w['ndcg@10_before']:.2f} -> {w['ndcg@10_now']:.2f})"

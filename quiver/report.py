@@ -51,8 +51,9 @@ def when_text(epoch: float | None) -> str:
 
 
 def run_text(run_id: str | None) -> str:
-    """A Dagster run as the UI abbreviates it (its first 8 characters), in code style."""
-    return f"`{run_id[:8]}`" if run_id else "an earlier run (its id was not recorded)"
+    """A Dagster run as the UI abbreviates it ('run `1a2b3c4d`', its first 8 characters); an output made before
+    runs were recorded says so."""
+    return f"run `{run_id[:8]}`" if run_id else "an earlier run (its id was not recorded)"
 
 
 def summary_markdown(headline: str, lines: list[str]) -> str:
