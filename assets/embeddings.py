@@ -109,14 +109,16 @@ def embedding_report(result: PartitionVectors, delta: PoolMetrics, stats: CacheS
            if delta.texts and delta.encode_seconds else {}),
         "embedding_cache_hit_rate": MetadataValue.float(round(found / rows, 4) if rows else 0.0), **milvus,
     }
-    on = [level.upper() for level in LEVELS if levels[level]]
+    if delta.texts and delta.encode_seconds:
+        encoded = (f"Encoded {rate_line(delta.texts, 'texts', delta.encode_seconds)}, "
+                   f"{rate_text(delta.tokens / delta.encode_seconds, 'tokens')}")
+    else:
+        encoded = "Encoded no text: every vector came from the embedding cache" if rows else "No chunks to embed"
+    by_level = ", ".join(f"{level.upper()} {stats.hits[level]}" for level in LEVELS if levels[level])
     summary = [
-        (f"Encoded {rate_line(delta.texts, 'texts', delta.encode_seconds)}, "
-         f"{rate_text(delta.tokens / delta.encode_seconds, 'tokens')}" if delta.texts and delta.encode_seconds
-         else "Encoded no text: every vector came from the embedding cache"),
+        encoded,
         f"Embedding cache: {percent_text(found / rows) if rows else 'no texts'} hit ({count_text(found)} of "
-        f"{count_text(rows)} texts; " + (", ".join(f"{level.upper()} {stats.hits[level]}" for level in LEVELS
-                                                    if levels[level]) if on else "all levels off") + ")",
+        f"{count_text(rows)} texts; {by_level or 'every level off'})",
         f"Milvus: deferred, {result.deferred}" if result.deferred else
         f"Milvus: {count_text(result.upserted)} vectors upserted, {count_text(result.deleted)} deleted, "
         f"{count_text(result.unchanged)} unchanged",
