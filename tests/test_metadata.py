@@ -117,3 +117,12 @@ def test_every_asset_has_an_owner_kinds_and_a_storage_kind() -> None:
              for node in defs.resolve_job_def(job).graph.node_defs}
     assert {"faiss_index_matches_chunks", "milvus_collection_matches_chunks"} <= steps
     assert not [s for s in steps if "milvus_collection_milvus" in s or "faiss_index_faiss" in s]
+
+
+def test_sensors_and_schedules_say_they_need_the_daemon() -> None:
+    """Off by default and silent unless dagster-daemon runs: each description says both."""
+    automations = [*(defs.resolve_sensor_def(n) for n in ("inbox_sensor", "index_automation_sensor")),
+                   *(defs.resolve_schedule_def(n) for n in ("index_maintenance_schedule", "evaluation_schedule"))]
+    for automation in automations:
+        assert "Off until turned on" in automation.description, automation.name
+        assert "acts only while `dagster-daemon run` is running" in automation.description, automation.name
