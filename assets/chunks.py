@@ -9,6 +9,7 @@ from dagster import AssetExecutionContext, Config, Output
 from pydantic import Field
 
 from assets.common import (
+    Computed,
     PartitionResult,
     cached_partition,
     partitioned_output,
@@ -19,6 +20,7 @@ from assets.common import (
 from quiver.chunking import Chunk, ChunkSettings, chunk_documents
 from quiver.errors import ConfigError
 from quiver.names import CHUNKING_STRATEGIES
+from quiver.report import count_text
 from resources.fileref import FileRef, FileStore
 from resources.model_pool import ModelPool
 from resources.sources import SourceRegistry
@@ -69,7 +71,7 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
     window = model_pool.window_tokens()
     settings = config.settings(sources.get(partition).chunking, window)
 
-    def compute() -> tuple[FileRef, dict[str, Any]]:
+    def compute() -> Computed:
         tokenizer = model_pool.tokenizer()
         tokens = over_window = 0
         with store.parquet_writer(["chunks"], partition, CHUNKS_SCHEMA) as writer:
@@ -81,12 +83,16 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
                 writer.write_batch(chunks_to_batch(produced))
         assert writer.ref is not None
         context.log.info(f"chunks[{partition}]: {documents.rows} documents -> {writer.ref.rows} chunks")
-        return writer.ref, {
+        summary = [f"{count_text(documents.rows)} documents, {count_text(tokens)} tokens; strategy "
+                   f"{settings.strategy}, {settings.chunk_tokens} tokens a chunk, {settings.overlap_tokens} overlap"]
+        if over_window:
+            summary.append(f"{over_window} chunks longer than the model's {window} tokens: the model truncates them")
+        return Computed(ref=writer.ref, summary=summary, metadata={
             "documents": documents.rows, "chunks": writer.ref.rows, "tokens": tokens, "strategy": settings.strategy,
             "chunk_tokens": settings.chunk_tokens, "overlap_tokens": settings.overlap_tokens,
             # whole_document: these documents are cut by the model at its window
             "chunks_longer_than_model_window": over_window, "model_window_tokens": window,
-        }
+        })
 
     return cached_partition(context, store, partition, {"documents": documents.sha256},
                             {**asdict(settings), "tokenizer": model_pool.tokenizer_fingerprint()}, config.force,
@@ -95,7 +101,7 @@ def chunk_partition(context: AssetExecutionContext, partition: str, documents: F
 
 @source_stage(
     memory="light",
-    kinds={"parquet"},
+    kinds={"huggingface", "parquet"},
     description="Token-aware chunks with stable ids (document id + position) and per-chunk hashes.",
 )
 def chunks(
@@ -106,4 +112,4 @@ def chunks(
     upstream = refs_by_partition(documents, partitions_in_run(context))
     results = {p: chunk_partition(context, p, upstream[p], config, store, model_pool, sources)
                for p in partitions_in_run(context)}
-    return partitioned_output(started, results)
+    return partitioned_output(started, results, noun="chunks")

@@ -11,7 +11,6 @@ import resource
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from dagster import (
@@ -32,11 +31,13 @@ from dagster import (
     asset,
 )
 
+from assets.reporting import Computed, PartitionResult, Report, made_record, partitions_metadata
 from quiver.codeversion import stage_versions
 from quiver.errors import ConfigError, InputError
 from quiver.hashing import sha256_json
 from quiver.memory import MEMORY_TAG, NEED_TAG_PREFIX, MemoryShortError, pool_name, step_refusal
 from quiver.names import check_source_name
+from quiver.report import rounded
 from quiver.retry import ServiceUnavailableError, is_transient
 from resources.fileref import FileRef, FileStore
 
@@ -46,8 +47,16 @@ warnings.filterwarnings("ignore", category=BetaWarning)
 warnings.filterwarnings("ignore", category=PreviewWarning)
 
 sources_partitions = DynamicPartitionsDefinition(name="sources")
+# retrieval_eval's partitions: only the sources with judged queries (queries.jsonl and qrels/), so that a source
+# without them (the stdlib corpus, a JSONL file) is not an evaluation shown missing forever.
+judged_sources_partitions = DynamicPartitionsDefinition(name="judged_sources")
 # A backfill over many sources runs once, so the model is loaded once for all of them.
 single_run_backfill = BackfillPolicy.single_run()
+
+# Who answers for every asset (shown on each asset's page; Dagster wants `team:` or an email).
+OWNERS = ["team:quiver"]
+# Where an asset's output lives, shown with its icon on the asset's page.
+STORAGE_KIND = "dagster/storage_kind"
 
 # With the Celery executor, a step goes to the queue named by this tag: one queue per memory class, served by
 # the workers that have the memory (or GPU) for it.
@@ -153,6 +162,8 @@ def source_stage(*, memory: str, kinds: set[str], description: str):  # noqa: AN
             io_manager_key="fileref_io_manager",
             group_name="ingest",
             kinds=kinds,
+            owners=OWNERS,
+            tags={STORAGE_KIND: "parquet"},
             description=description,
             **memory_class(memory),
         )(fail_fast_unless_transient(fn))
@@ -195,60 +206,48 @@ def peak_rss_mb() -> float:
 
 
 def run_metadata(started: float, rows: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Duration, throughput and peak memory of work done now (never of a cache hit), rounded."""
     seconds = time.perf_counter() - started
     return {
-        "duration_seconds": MetadataValue.float(round(seconds, 3)),
-        "rows_per_second": MetadataValue.float(round(rows / seconds, 1) if seconds > 0 else 0.0),
+        "duration_seconds": MetadataValue.float(rounded(seconds)),
+        "rows_per_second": MetadataValue.float(rounded(rows / seconds) if seconds > 0 else 0.0),
         "peak_rss_mb": MetadataValue.float(round(peak_rss_mb(), 1)),
         **(extra or {}),
     }
 
 
-@dataclass
-class PartitionResult:
-    """One partition's output of a stage, and what happened computing it."""
-
-    ref: FileRef
-    cache_hit: bool
-    cache_key: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 def cached_partition(context: AssetExecutionContext, store: FileStore, partition: str, inputs: Mapping[str, Any],
-                     config: Mapping[str, Any], force: bool, compute: Callable[[], tuple[FileRef, dict[str, Any]]],
+                     config: Mapping[str, Any], force: bool, compute: Callable[[], Computed],
                      hit_metadata: Mapping[str, Any] | None = None) -> PartitionResult:
     """A source stage's output for one partition: the remembered output of the same cache key (code version,
-    upstream hashes, config, partition) when it is still intact, else `compute()`'s (FileRef, metadata),
-    remembered under the key once written."""
+    upstream hashes, config, partition) when it is still intact, with how it was made (the run, when, its
+    figures), else `compute()`'s, remembered under the key once written."""
     asset = context.asset_key.path
     key = stage_cache_key(context, partition, inputs, config)
-    cached = None if force else store.cached_fileref(asset, partition, key)
+    cached = None if force else store.cached_output(asset, partition, key)
     if cached is not None:
-        context.log.info(f"{'/'.join(asset)}[{partition}]: cache hit {key}, reusing {cached.path}")
-        return PartitionResult(cached, True, key, dict(hit_metadata or {}))
-    ref, metadata = compute()
-    store.remember_fileref(asset, partition, key, ref)
-    return PartitionResult(ref, False, key, metadata)
+        ref, made = cached
+        context.log.info(f"{'/'.join(asset)}[{partition}]: cache hit {key}, reusing {ref.path} made by run "
+                         f"{made.get('run_id', '(not recorded)')}")
+        return PartitionResult(ref, True, key, Report(metadata=dict(hit_metadata or {})), made)
+    started = time.perf_counter()
+    computed = compute()
+    assert computed.ref is not None
+    made = made_record(context.run.run_id, time.perf_counter() - started, computed)
+    store.remember_fileref(asset, partition, key, computed.ref, made)
+    return PartitionResult(computed.ref, False, key, computed, made)
 
 
-def partitioned_output(started: float, results: Mapping[str, PartitionResult],
-                       totals: Mapping[str, Any] | None = None) -> Output[Any]:
+def partitioned_output(started: float, results: Mapping[str, PartitionResult], noun: str = "rows",
+                       step: Report | None = None) -> Output[Any]:
     """One partition: its FileRef, with its content hash as the data version. Several (a single-run
     backfill): {partition: FileRef}; Output takes one data version for all partitions, so Dagster records
     its logical version (code version + inputs) and each partition's content hash is in the metadata."""
-    rows = sum(r.ref.rows for r in results.values())
-    metadata = run_metadata(started, rows, {
-        "cache_hit": all(r.cache_hit for r in results.values()),
-        "cache_hits": sum(r.cache_hit for r in results.values()),
-        **(totals or {}),
-    })
+    step = step or Report()
+    if not all(r.cache_hit for r in results.values()):
+        step.metadata.setdefault("peak_rss_mb", MetadataValue.float(round(peak_rss_mb(), 1)))
+    metadata = partitions_metadata(results, time.perf_counter() - started, noun, step)
     if len(results) == 1:
         [result] = results.values()
-        metadata.update({"cache_key": result.cache_key, **result.metadata})
         return Output(result.ref, data_version=DataVersion(result.ref.sha256), metadata=metadata)
-    metadata["partitions"] = MetadataValue.json({
-        p: {"rows": r.ref.rows, "sha256": r.ref.sha256, "cache_hit": r.cache_hit, "cache_key": r.cache_key,
-            **{k: v for k, v in r.metadata.items() if isinstance(v, int | float | str | bool)}}
-        for p, r in results.items()
-    })
     return Output({p: r.ref for p, r in results.items()}, metadata=metadata)

@@ -9,6 +9,7 @@ from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Outpu
 from pydantic import Field
 
 from assets.common import (
+    Computed,
     PartitionResult,
     cached_partition,
     partitioned_output,
@@ -17,7 +18,7 @@ from assets.common import (
 )
 from quiver.errors import InputError
 from quiver.sources import Document, ReadReport, read_documents, source_fingerprint
-from resources.fileref import FileRef, FileStore
+from resources.fileref import FileStore
 from resources.sources import SourceRegistry
 
 ROWS_PER_BATCH = 2048
@@ -66,7 +67,7 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
     spec = sources.get(partition)
     fingerprint = source_fingerprint(spec.kind, spec.path)
 
-    def compute() -> tuple[FileRef, dict[str, Any]]:
+    def compute() -> Computed:
         report = ReadReport()
         previous = store.read_latest(["documents"], partition)
         try:
@@ -82,11 +83,16 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
                           metadata={"location": exc.location, "problem": exc.problem}) from exc
         assert writer.ref is not None
         context.log.info(f"documents[{partition}]: {writer.ref.rows} documents from {spec.kind} source {spec.path}")
-        return writer.ref, {
+        summary = [f"Read from the {spec.kind} source at `{spec.path}`"]
+        if report.empty_dropped:
+            summary.append(f"{report.empty_dropped} empty documents dropped")
+        if report.bad_records:
+            summary.append(f"{len(report.bad_records)} bad records skipped: see `bad_record_examples`")
+        return Computed(ref=writer.ref, summary=summary, metadata={
             "source": spec.path, "source_kind": spec.kind, "documents": writer.ref.rows,
             "empty_dropped": report.empty_dropped, "bad_records": len(report.bad_records),
-            "bad_record_examples": MetadataValue.json(report.bad_records[:20]),
-        }
+            **({"bad_record_examples": MetadataValue.json(report.bad_records[:20])} if report.bad_records else {}),
+        })
 
     return cached_partition(context, store, partition, {"source": fingerprint},
                             {"kind": spec.kind, "path": spec.identity, "on_bad_record": config.on_bad_record},
@@ -95,7 +101,7 @@ def read_partition(context: AssetExecutionContext, partition: str, config: Docum
 
 @source_stage(
     memory="io",
-    kinds={"parquet"},
+    kinds={"python", "parquet"},
     description="Normalized documents of one source, each with a sha256 of its title and text.",
 )
 def documents(
@@ -103,4 +109,4 @@ def documents(
 ) -> Output[Any]:
     started = time.perf_counter()
     results = {p: read_partition(context, p, config, store, sources) for p in partitions_in_run(context)}
-    return partitioned_output(started, results)
+    return partitioned_output(started, results, noun="documents")

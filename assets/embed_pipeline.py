@@ -69,11 +69,6 @@ class PartitionVectors:
     digest: KeyDigest = field(default_factory=KeyDigest)
     deferred: str = ""  # why Milvus was not written (milvus_collection writes it instead)
 
-    def as_metadata(self) -> dict[str, Any]:
-        milvus = ({"milvus_deferred": self.deferred} if self.deferred else {
-            "milvus_upserted": self.upserted, "milvus_unchanged": self.unchanged, "milvus_deleted": self.deleted})
-        return {**milvus, **(self.report.as_metadata() if self.report else {})}
-
 
 class _Writer:
     """The write stage: runs in one thread, in chunk order, so the Parquet file is deterministic."""

@@ -40,7 +40,17 @@ from assets.indexes_common import (
     reconciliation_check,
     skipped_metadata,
 )
-from quiver.vector_index import IndexSettings, choose_index_type, empty_index, supports_removal, vectors_by_id
+from assets.reporting import SUMMARY, run_link
+from quiver.report import rounded, run_text, seconds_text, summary_markdown, when_text
+from quiver.vector_index import (
+    IndexSettings,
+    choose_index_type,
+    details_text,
+    empty_index,
+    index_details,
+    supports_removal,
+    vectors_by_id,
+)
 from quiver.vectors import vectors_of, with_vectors
 from resources.faiss_store import FaissDraft, FaissStore
 from resources.fileref import FileRef, FileStore
@@ -121,7 +131,7 @@ def can_update(manifest: dict[str, Any], settings: IndexSettings, dimension: int
             and changes <= config.rebuild_after_fraction * max(len(diff.desired), 1))
 
 
-@index_stage(kinds={"faiss"},
+@index_stage(kinds={"faiss", "numpy"}, storage="faiss",
              description="FAISS index (exact inner product by default; IVF/HNSW by config or size) plus its id map.")
 def faiss_index(
     context: AssetExecutionContext, config: FaissIndexConfig, embeddings: PartitionRefs, store: FileStore,
@@ -142,12 +152,19 @@ def faiss_index(
         faiss_store.make_current(cached)
         manifest = faiss_store.manifest(cached)
         context.log.info(f"faiss_index: cache hit {key}, {manifest['ntotal']} vectors, version {cached}")
+        made = {"run_id": manifest.get("run_id"), "made_at": manifest.get("created")}
         return MaterializeResult(
             data_version=DataVersion(manifest["content_hash"]),
-            metadata={"cache_hit": True, "cache_key": key, "vectors": manifest["ntotal"],
-                      "index_type": manifest["index_type"], "version": cached,
-                      **skipped_metadata(embeddings, len(carried)),
-                      "path": MetadataValue.path(str(faiss_store.version_dir(cached)))},
+            metadata={
+                SUMMARY: MetadataValue.md(summary_markdown(
+                    f"Cache hit: FAISS version {cached} is current again, nothing rebuilt",
+                    [f"Built by {run_text(made['run_id'])}, {when_text(made['made_at'])}: "
+                     + build_line(manifest), f"Same inputs and index settings: cache key `{key}`"])),
+                "cache_hit": True, "cache_key": key, **run_link(made["run_id"]),
+                **({"reused_made_at": MetadataValue.timestamp(made["made_at"])} if made["made_at"] else {}),
+                **index_figures(manifest), "version": cached,
+                **skipped_metadata(embeddings, len(carried)),
+                "path": MetadataValue.path(str(faiss_store.version_dir(cached)))},
         )
     held = faiss_store.payload_keys(current) if current_manifest else {}
     diff = diff_index(store, embeddings, held, set(carried))
@@ -164,26 +181,63 @@ def faiss_index(
             facts = rebuild_version(draft, store, embeddings, diff, settings, dimension,
                                     carried_rows(faiss_store, current, set(carried)))
         draft.manifest = {**facts, "content_hash": content_hash({**diff.desired, **carried}),
-                          "partitions": sorted(embeddings),
+                          "partitions": sorted(embeddings), "run_id": context.run.run_id,
+                          "details": index_details(draft.index) if draft.index is not None else {},
                           "settings": settings.__dict__, "build_seconds": time.perf_counter() - build_started}
     manifest = draft.manifest
     faiss_store.make_current(draft.version)
     context.log.info(f"faiss_index: {manifest['ntotal']} vectors, {manifest['index_type']} index, {facts['mode']} "
                      f"(+{facts['added']} -{facts['removed']}), version {draft.version}")
+    changes = (f"rebuilt from scratch: {facts['added']:,} vectors added" + (
+        f", {facts['dropped']:,} left out" if facts["dropped"] else "") if facts["mode"] == "rebuild" else
+        f"updated in place: +{facts['added']:,} −{facts['removed']:,}, {diff.unchanged:,} unchanged")
     return MaterializeResult(
         data_version=DataVersion(manifest["content_hash"]),
-        metadata=run_metadata(started, int(manifest["ntotal"]), {
-            "cache_hit": False, "cache_key": key, "vectors": manifest["ntotal"], "version": draft.version,
-            "index_type": manifest["index_type"], "dimension": manifest["dimension"], "mode": facts["mode"],
-            "vectors_added": facts["added"], "vectors_removed": facts["removed"], "unchanged": diff.unchanged,
-            # a rebuild writes a new version from scratch: what it no longer holds is left out, not removed
-            **({"vectors_left_out": facts["dropped"]} if facts["mode"] == "rebuild" else {}),
-            "partitions": MetadataValue.json(sorted(embeddings)),
-            **skipped_metadata(embeddings, len(diff.protected)),
-            "build_seconds": MetadataValue.float(round(manifest["build_seconds"], 3)),
-            "path": MetadataValue.path(str(faiss_store.version_dir(draft.version))),
-        }),
+        metadata={
+            SUMMARY: MetadataValue.md(summary_markdown(
+                f"Built FAISS version {draft.version} in {seconds_text(time.perf_counter() - started)}",
+                [build_line(manifest), changes.capitalize()] + (
+                    [f"{len(embeddings.skipped)} sources without a good output skipped: see `skipped_sources`"]
+                    if embeddings.skipped else []))),
+            **run_metadata(started, int(manifest["ntotal"]), {
+                "cache_hit": False, "cache_key": key, **index_figures(manifest), "version": draft.version,
+                "mode": facts["mode"], "vectors_added": facts["added"], "vectors_removed": facts["removed"],
+                "unchanged": diff.unchanged,
+                # a rebuild writes a new version from scratch: what it no longer holds is left out, not removed
+                **({"vectors_left_out": facts["dropped"]} if facts["mode"] == "rebuild" else {}),
+                "partitions": MetadataValue.json(sorted(embeddings)),
+                **skipped_metadata(embeddings, len(diff.protected)),
+                "path": MetadataValue.path(str(faiss_store.version_dir(draft.version))),
+            }),
+        },
     )
+
+
+def index_figures(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a version is, on a build and on a cache hit alike: vectors held (plotted over time), dimension,
+    type and parameters, and how long its build took."""
+    return {"vectors": int(manifest["ntotal"]), "dimension": int(manifest["dimension"]),
+            "index_type": manifest["index_type"], "index_details": details_text(manifest.get("details") or {
+                "type": manifest["index_type"], **_settings_details(manifest)}),
+            "build_seconds": MetadataValue.float(rounded(float(manifest.get("build_seconds", 0.0))))}
+
+
+def _settings_details(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of a version built before manifests kept them, from its settings (IVF's list count is not
+    among them)."""
+    settings = manifest.get("settings") or {}
+    if manifest["index_type"] == "hnsw":
+        return {"M": settings.get("hnsw_m"), "efConstruction": settings.get("hnsw_ef_construction"),
+                "efSearch": settings.get("hnsw_ef_search")}
+    if manifest["index_type"] == "ivf":
+        return {"nlist": settings.get("ivf_nlist") or "?", "nprobe": settings.get("ivf_nprobe")}
+    return {}
+
+
+def build_line(manifest: dict[str, Any]) -> str:
+    figures = index_figures(manifest)
+    return (f"{figures['vectors']:,} vectors, {figures['dimension']}-d, {figures['index_details']}; built in "
+            f"{seconds_text(float(manifest.get('build_seconds', 0.0)))} ({manifest.get('mode', 'rebuild')})")
 
 
 def _faiss_held(faiss_store: FaissStore, skipped: set[str]) -> HeldVectors:
@@ -194,5 +248,5 @@ def _faiss_held(faiss_store: FaissStore, skipped: set[str]) -> HeldVectors:
                        metadata={"version": current})
 
 
-faiss_index_matches_chunks = reconciliation_check(faiss_index, "faiss_index_matches_chunks", "FAISS", "faiss_store",
+faiss_index_matches_chunks = reconciliation_check(faiss_index, "matches_chunks", "FAISS", "faiss_store",
                                                   _faiss_held, holder="The current FAISS version")

@@ -21,7 +21,7 @@ from dagster import (
     asset_check,
 )
 
-from assets.common import fail_fast_unless_transient, memory_class
+from assets.common import OWNERS, STORAGE_KIND, fail_fast_unless_transient, memory_class
 from quiver.errors import QuiverError
 from quiver.hashing import KeyDigest, vector_id, vector_key
 from quiver.vectors import KEY_COLUMNS, key_pairs
@@ -210,7 +210,8 @@ def reconcile(store_name: str, expected: Mapping[int, str], held: Iterable[tuple
     return result
 
 
-def index_stage(*, kinds: set[str], description: str) -> Callable[[Callable[..., Any]], AssetsDefinition]:
+def index_stage(*, kinds: set[str], storage: str,
+                description: str) -> Callable[[Callable[..., Any]], AssetsDefinition]:
     """@asset for an index over every source: it reads each source's embeddings that have a good output (the
     others are skipped and named), and the automation daemon runs it, once no source is still being ingested,
     after sources were (re)ingested by the inbox sensor or anyone."""
@@ -218,6 +219,7 @@ def index_stage(*, kinds: set[str], description: str) -> Callable[[Callable[...,
     def decorate(fn: Callable[..., Any]) -> AssetsDefinition:
         return asset(ins={"embeddings": AssetIn(metadata={SKIP_MISSING_PARTITIONS: True})},
                      automation_condition=AutomationCondition.eager(), group_name="index", kinds=kinds,
+                     owners=OWNERS, tags={STORAGE_KIND: storage},
                      description=description, **memory_class("io"))(fail_fast_unless_transient(fn))
 
     return decorate

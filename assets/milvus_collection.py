@@ -24,7 +24,9 @@ from assets.indexes_common import (
     reconciliation_check,
     skipped_metadata,
 )
+from assets.reporting import SUMMARY, run_link, unchanged_since
 from quiver.hashing import sha256_json
+from quiver.report import run_text, seconds_text, summary_markdown
 from quiver.vectors import rows_for_milvus
 from resources.fileref import FileRef, FileStore
 from resources.fileref_io import PartitionRefs
@@ -79,7 +81,7 @@ def sync_collection(milvus: MilvusStore, store: FileStore, embeddings: Partition
     return report
 
 
-@index_stage(kinds={"milvus"},
+@index_stage(kinds={"milvus"}, storage="milvus",
              description="Milvus collection (Milvus Lite by default) holding exactly one vector per current chunk. "
                          "Each source carries an exact mark (a digest of its ids and vector keys) that every write "
                          "clears and a completed sync sets: a source whose mark matches its embeddings is not "
@@ -98,8 +100,17 @@ def milvus_collection(
         in_sync = all(marks.get(p) == d for p, d in digests.items())
         if in_sync and milvus.count(excluding=skipped) == expected:
             context.log.info(f"milvus_collection: every source's exact mark matches, {expected} vectors in place")
+            made = unchanged_since(context, version.value)
+            lines = ["Every source's exact mark matches its embeddings: the collection already holds exactly "
+                     "these vectors (written by the embeddings steps or an earlier sync)",
+                     f"Unchanged since {run_text(made.get('run_id'))}" if made else
+                     "No earlier materialization of this content to name: the embeddings steps wrote it",
+                     f"{expected:,} vectors in {milvus.collection!r} ({milvus.index_type}, inner product)"]
             return MaterializeResult(data_version=version, metadata={
-                "cache_hit": True, "cache_key": version.value, "vectors": expected, "collection": milvus.collection,
+                SUMMARY: MetadataValue.md(summary_markdown("In sync: nothing written", lines)),
+                "cache_hit": True, "cache_key": version.value, **run_link(made.get("run_id")),
+                **({"reused_made_at": MetadataValue.timestamp(made["made_at"])} if made.get("made_at") else {}),
+                "vectors": expected, "index_type": milvus.index_type, "collection": milvus.collection,
                 **skipped_metadata(embeddings, milvus.count() - expected)})
     milvus.ensure_collection(embedding_dimension(store, embeddings) or model_pool.dimension())
     report = sync_collection(milvus, store, embeddings, digests, config.force)
@@ -116,9 +127,17 @@ def milvus_collection(
     context.log.info(f"milvus_collection: +{report.upserted} -{report.deleted} ={report.unchanged}, sources synced "
                      f"{report.synced_sources or 'none'}, removed {report.removed_sources or 'none'}; {total} "
                      f"vectors in {milvus.collection!r}")
+    lines = [f"{report.upserted:,} vectors upserted, {report.deleted:,} deleted, {report.unchanged:,} unchanged",
+             f"Sources synced: {', '.join(report.synced_sources) or 'none'}; removed: "
+             f"{', '.join(report.removed_sources) or 'none'}",
+             f"{total:,} vectors in {milvus.collection!r} ({milvus.index_type}, inner product)"]
+    if embeddings.skipped:
+        lines.append(f"{len(embeddings.skipped)} sources without a good output skipped: see `skipped_sources`")
     return MaterializeResult(
         data_version=version,
-        metadata=run_metadata(started, report.upserted, {
+        metadata={SUMMARY: MetadataValue.md(summary_markdown(
+            f"Synchronized Milvus in {seconds_text(time.perf_counter() - started)}", lines)),
+            **run_metadata(started, report.upserted, {
             "cache_hit": False, "cache_key": version.value, "upserted": report.upserted, "deleted": report.deleted,
             "unchanged": report.unchanged,
             "vectors": expected, "collection_count": total,
@@ -127,8 +146,9 @@ def milvus_collection(
             **skipped_metadata(embeddings, total - expected),
             "uri": milvus.uri if "://" in milvus.uri else MetadataValue.path(milvus.uri),
             "collection": milvus.collection,
+            "index_type": milvus.index_type,
             **({"compaction": compaction} if compaction is not None else {}),
-        }),
+        })},
     )
 
 
@@ -138,6 +158,6 @@ def _milvus_held(milvus: MilvusStore, skipped: set[str]) -> HeldVectors:
                        metadata={"collection": milvus.collection})
 
 
-milvus_collection_matches_chunks = reconciliation_check(milvus_collection, "milvus_collection_matches_chunks",
+milvus_collection_matches_chunks = reconciliation_check(milvus_collection, "matches_chunks",
                                                         "Milvus", "milvus", _milvus_held,
                                                         holder="The Milvus collection")

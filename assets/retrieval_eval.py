@@ -16,34 +16,34 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
     AssetExecutionContext,
     AssetIn,
     Config,
     DataVersion,
+    IdentityPartitionMapping,
     MetadataValue,
     Output,
     TableColumn,
     TableRecord,
     TableSchema,
     asset,
-    asset_check,
 )
 from pydantic import Field
 
 from assets.common import (
+    OWNERS,
+    STORAGE_KIND,
     fail_fast_unless_transient,
+    judged_sources_partitions,
     memory_class,
     run_metadata,
-    sources_partitions,
 )
 from assets.faiss_index import faiss_index
 from assets.milvus_collection import milvus_collection
 from quiver.beir import RelevanceData, has_relevance_data, read_relevance_data
 from quiver.errors import FileRefError
+from quiver.report import summary_markdown
 from quiver.retrieval import (
-    MEASURES,
     Aggregation,
     ChunkSearch,
     Ranking,
@@ -61,6 +61,7 @@ from resources.model_pool import ModelPool
 from resources.sources import SourceRegistry
 
 STORES = ("faiss", "milvus")
+EVAL_SETTINGS = ["_eval_settings"]  # the settings of each evaluation, by its results' hash (FileStore cache)
 COLUMN_OF = {"ndcg@10": "ndcg_at_10", "recall@100": "recall_at_100", "mrr@10": "mrr_at_10"}
 RESULTS_SCHEMA = pa.schema([
     ("store", pa.string()),
@@ -174,7 +175,7 @@ def worse_than_before(before: pa.Table | None, now: pa.Table, limit: int = 20) -
     return drops[:limit] if limit else drops
 
 
-def summary_markdown(evaluations: dict[str, StoreEvaluation], queries: int) -> str:
+def results_markdown(evaluations: dict[str, StoreEvaluation], queries: int) -> str:
     rows = []
     for store, evaluation in evaluations.items():
         means = evaluation.means()
@@ -197,16 +198,22 @@ def _table_metadata(evaluations: dict[str, StoreEvaluation], queries: int) -> Me
 
 
 @asset(
-    partitions_def=sources_partitions,
-    ins={"documents": AssetIn()},
+    partitions_def=judged_sources_partitions,
+    ins={"documents": AssetIn(partition_mapping=IdentityPartitionMapping())},
     deps=[faiss_index, milvus_collection],
     io_manager_key="fileref_io_manager",
     output_required=False,
     group_name="evaluation",
-    kinds={"parquet"},
+    kinds={"python", "parquet"},
+    owners=OWNERS,
+    tags={STORAGE_KIND: "parquet"},
     **memory_class("model"),
     description="nDCG@10, Recall@100 and MRR@10 of the FAISS index and the Milvus collection on a BEIR source's "
-                "judged queries; per-query scores as Parquet. Sources without queries and qrels are skipped.",
+                "judged queries; per-query scores as Parquet. Its partitions are the sources with queries.jsonl and "
+                "qrels/ (`quiver source add` and `quiver eval` add them), so a source that cannot be evaluated is "
+                "not shown missing. The blocking check `ndcg_at_10_no_regression` fails when nDCG@10 drops more than "
+                "its tolerance below the last passing evaluation with the same settings; `ndcg_at_10_above_floor` "
+                "judges only when a floor is set.",
 )
 @fail_fast_unless_transient
 def retrieval_eval(
@@ -236,9 +243,17 @@ def retrieval_eval(
     assert writer.ref is not None
     drops = worse_than_before(before, table, limit=0)
     n = len(relevance.queries)
+    settings = evaluation_settings(config, spec.chunking, model_pool, faiss_store, milvus, sorted(evaluations))
+    # what the checks compare an evaluation with: evaluations with equal settings
+    store.cache_put(EVAL_SETTINGS, partition, writer.ref.sha256, settings)
     metadata: dict[str, Any] = {
+        "summary": MetadataValue.md(summary_markdown(
+            f"Evaluated {n} queries of {partition}: nDCG@10 " + ", ".join(
+                f"{s} {e.means()['ndcg@10']:.5f}" for s, e in evaluations.items()),
+            [f"{s} ({searches[s][2]}): Recall@100 {e.means()['recall@100']:.5f}, MRR@10 {e.means()['mrr@10']:.5f}"
+             for s, e in evaluations.items()] + [f"{len(drops)} queries worse than the previous evaluation"])),
         "results": _table_metadata(evaluations, n),
-        "results_markdown": MetadataValue.md(summary_markdown(evaluations, n)),
+        "results_markdown": MetadataValue.md(results_markdown(evaluations, n)),
         "queries": n, "judgments": sum(len(d) for d in relevance.qrels.values()), "corpus_documents": len(corpus_ids),
         "split": config.split, "chunking": spec.chunking, "aggregation": config.aggregation, "depth": config.depth,
         "query_encode_seconds": round(encode_seconds, 3),
@@ -258,93 +273,22 @@ def retrieval_eval(
         order = list(relevance.queries)
         metadata["faiss_milvus_top10_agreement"] = round(top_k_agreement(
             [evaluations["faiss"].rankings[q] for q in order], [evaluations["milvus"].rankings[q] for q in order]), 4)
-    context.log.info(f"retrieval_eval[{partition}]: {n} queries\n" + summary_markdown(evaluations, n))
+    metadata["details"] = MetadataValue.json({"evaluation_settings": settings})
+    context.log.info(f"retrieval_eval[{partition}]: {n} queries\n" + results_markdown(evaluations, n))
     yield Output(writer.ref, data_version=DataVersion(writer.ref.sha256),
                  metadata=run_metadata(started, table.num_rows, metadata))
 
 
-def _store_means(table: pa.Table) -> dict[str, dict[str, float]]:
-    means: dict[str, dict[str, float]] = {}
-    stores = table.column("store").to_pylist()
-    for store in sorted(set(stores)):
-        rows = [i for i, s in enumerate(stores) if s == store]
-        means[store] = {name: float(np.mean([table.column(COLUMN_OF[name])[i].as_py() for i in rows]))
-                        for name in MEASURES}
-    return means
-
-
-class CheckSeverityConfig(Config):
-    fail_run: bool = Field(default=True, description="A failure fails the run (ERROR); off: it warns (WARN).")
-
-
-class NdcgFloorConfig(CheckSeverityConfig):
-    floor: float = Field(default=0.5, ge=0, le=1, description="Lowest acceptable nDCG@10 of any evaluated store.")
-
-
-class AgreementConfig(CheckSeverityConfig):
-    min_fraction: float = Field(default=0.99, ge=0, le=1,
-                                description="Fraction of queries whose top-10 documents FAISS and Milvus share.")
-
-
-def _severity(config: CheckSeverityConfig) -> AssetCheckSeverity:
-    return AssetCheckSeverity.ERROR if config.fail_run else AssetCheckSeverity.WARN
-
-
-def _results(store: FileStore, ref: FileRef) -> pa.Table:
-    return store.read_table(store.check(ref))
-
-
-@asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
-             **memory_class("light"),
-             description="nDCG@10 of every evaluated store is at or above the configured floor.")
-@fail_fast_unless_transient
-def ndcg_at_10_above_floor(config: NdcgFloorConfig, retrieval_eval: FileRef, store: FileStore) -> AssetCheckResult:
-    means = _store_means(_results(store, retrieval_eval))
-    low = {s: round(m["ndcg@10"], 5) for s, m in means.items() if m["ndcg@10"] < config.floor}
-    description = (f"nDCG@10 below the floor {config.floor}: {low}" if low else
-                   f"nDCG@10 at or above {config.floor}: " + ", ".join(f"{s} {m['ndcg@10']:.5f}"
-                                                                      for s, m in means.items()))
-    metadata = {"floor": config.floor, **{f"{s}_ndcg@10": m["ndcg@10"] for s, m in means.items()}}
-    return AssetCheckResult(passed=not low, severity=_severity(config), description=description, metadata=metadata)
-
-
-@asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
-             **memory_class("light"),
-             description="FAISS and Milvus return the same top-10 documents for (nearly) every query.")
-@fail_fast_unless_transient
-def faiss_and_milvus_agree(config: AgreementConfig, retrieval_eval: FileRef, store: FileStore) -> AssetCheckResult:
-    table = _results(store, retrieval_eval)
-    top = {(s, q): set(t) for s, q, t in zip(*(table.column(c).to_pylist() for c in ("store", "query_id", "top10")),
-                                             strict=True)}
-    queries = sorted({q for s, q in top if s == "faiss"} & {q for s, q in top if s == "milvus"})
-    if not queries:
-        return AssetCheckResult(passed=True, severity=_severity(config),
-                                description="only one store was evaluated: nothing to compare")
-    differing = [q for q in queries if top[("faiss", q)] != top[("milvus", q)]]
-    fraction = 1 - len(differing) / len(queries)
-    return AssetCheckResult(
-        passed=fraction >= config.min_fraction, severity=_severity(config),
-        description=f"same top-10 for {fraction:.2%} of {len(queries)} queries (at least {config.min_fraction:.0%} "
-                    f"wanted)",
-        metadata={"agreement": fraction, "queries": len(queries), "differing": len(differing),
-                  "differing_examples": MetadataValue.json(differing[:20])})
-
-
-@asset_check(asset=retrieval_eval, blocking=True, partitions_def=sources_partitions,
-             **memory_class("light"),
-             description="No query returns a document id that is not in the source's corpus.")
-@fail_fast_unless_transient
-def results_are_corpus_documents(config: CheckSeverityConfig, retrieval_eval: FileRef,
-                                 store: FileStore) -> AssetCheckResult:
-    table = _results(store, retrieval_eval)
-    unknown: dict[str, set[str]] = {}
-    for store_name, ids in zip(table.column("store").to_pylist(), table.column("unknown_doc_ids").to_pylist(),
-                               strict=True):
-        unknown.setdefault(store_name, set()).update(ids)
-    bad = {s: sorted(ids) for s, ids in unknown.items() if ids}
-    return AssetCheckResult(
-        passed=not bad, severity=_severity(config),
-        description=("results outside the corpus: " + "; ".join(f"{s}: {len(v)} ids, e.g. {v[:3]}"
-                                                                for s, v in bad.items()))
-        if bad else "every result is a document of the corpus",
-        metadata={f"{s}_unknown_doc_ids": len(v) for s, v in unknown.items()})
+def evaluation_settings(config: RetrievalEvalConfig, chunking: str, model_pool: ModelPool, faiss_store: FaissStore,
+                        milvus: MilvusStore, stores: list[str]) -> dict[str, Any]:
+    """What decides an evaluation's figures besides the corpus: the model, the chunking, each store's index as
+    searched, and the evaluation's own config. Evaluations are compared only when these are equal."""
+    index: dict[str, Any] = {}
+    if "faiss" in stores and (version := faiss_store.current_version()):
+        manifest = faiss_store.manifest(version)
+        index["faiss"] = manifest.get("details") or {"type": manifest["index_type"], **manifest.get("settings", {})}
+    if "milvus" in stores:
+        index["milvus"] = {"type": milvus.index_type, "metric": "IP"}
+    return {"model": model_pool.fingerprint(), "model_name": model_pool.model, "backend": model_pool.backend,
+            "chunking": chunking, "index": index, "aggregation": config.aggregation, "depth": config.depth,
+            "split": config.split, "stores": stores}

@@ -122,7 +122,7 @@ def backfill(mode: str, files: list[Path], work: Path) -> dict[str, Any]:
                 record = instance.fetch_materializations(AssetRecordsFilter(
                     asset_key=AssetKey("embeddings"), asset_partitions=[name]), limit=1).records[0]
                 meta = {k: v.value for k, v in record.event_log_entry.asset_materialization.metadata.items()}
-                loaders.add(meta["model_loaded_by_pid"])
+                loaders.add(meta["details"]["model"]["model_loaded_by_pid"])
             failed = sum(not r.is_success for r in runs)
     finally:
         for sampler in samplers.values():

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from quiver.errors import ConfigError, QuiverError
-from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING, SOURCE_KIND_NAMES
+from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING
+from quiver.search import DEFAULT_K
 from quiver.settings import PROJECT_ROOT, dagster_home
 from quiver.warm import WARM_CHILD_ENV, run_through_host
 
@@ -59,6 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return execute_job(reconstructable(factory), instance=instance, tags=tags,
                            run_config=config_for_job(file_config, assets, run_config))
 
+    print(f"quiver run materializes {', '.join(INGEST_ASSETS)} of {len(names)} source(s) ({', '.join(names)}), then "
+          f"{' and '.join(INDEX_ASSETS)} with their checks; not retrieval_eval (`quiver eval DIR` evaluates a BEIR "
+          "directory)", flush=True)
     if len(names) == 1:  # one run: the source's stages, then both indexes and their checks
         print(f"==> refreshing source {names[0]!r} (documents -> chunks -> embeddings) and the indexes "
               "(faiss_index, milvus_collection) in one run", flush=True)
@@ -110,50 +114,53 @@ def _print_summary(res: dict[str, Any], result: Any) -> None:
         Query it:
           quiver search "how do I parse json" -k 5
           quiver search "how do I parse json" -k 5 --store milvus --json
+        Evaluate retrieval quality on a BEIR directory (corpus, queries, qrels; not part of quiver run):
+          quiver eval DIR
         See every asset in the UI:
           DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev
     """))
 
 
-def cmd_source(args: argparse.Namespace) -> int:
-    from platform_defs.runs import add_partition, remove_partition
-
-    registry = _resources()["sources"]
-    if args.action == "add":
-        spec = registry.add(args.name, args.path, args.kind, args.chunking)
-        add_partition(spec.name)
-        print(f"added source {spec.name!r}: {spec.kind} at {spec.path}")
-    elif args.action == "remove":
-        removed = registry.remove(args.name)
-        remove_partition(args.name)
-        print(f"removed source {args.name!r}" if removed else f"no source {args.name!r}")
-        if removed:
-            print("run `quiver run` to drop its vectors from FAISS and Milvus")
-    else:
-        for spec in registry.all():
-            print(f"{spec.name}\t{spec.kind}\t{spec.path}")
-    return 0
-
-
-def search(query: str, k: int, store: str) -> list[dict[str, Any]]:
-    """Top-k documents for a query: its chunks are ranked, then each document keeps its best chunk."""
+def search(query: str, k: int, store: str, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Top-k documents for a query: its chunks are ranked, then each document keeps its best chunk. A request
+    validate_search refuses is refused here too; k is capped at what the index holds (said in `notes`)."""
     from quiver.retrieval import top_documents
+    from quiver.search import SearchRequestError, capped_note, chunks_to_fetch, validate_search
 
+    request = validate_search(query, k)
     res = _resources()
-    vector = res["model_pool"].encode([query])
-    fetch = max(k * 4, 20)
     if store == "faiss":
-        hits = res["faiss_store"].open_current().search(vector, fetch)[0]
+        version = res["faiss_store"].open_current()
+        held, fetch = int(version.manifest["ntotal"]), lambda vector, n: version.search(vector, n)[0]
     else:
-        hits = res["milvus"].search(vector, fetch)[0]
+        milvus = res["milvus"]
+        held, fetch = (milvus.count() if milvus.exists() else 0), lambda vector, n: milvus.search(vector, n)[0]
+    if held == 0:
+        raise SearchRequestError(f"the {store} index holds no vectors yet: run `quiver run` first")
+    vector = res["model_pool"].encode([request.query])
+    depth = chunks_to_fetch(request.k, held)
+    while True:  # read deeper while documents with many chunks leave fewer than k, up to the whole index
+        ranked = top_documents(fetch(vector, depth), request.k, document=lambda h: f"{h.source}\x00{h.doc_id}",
+                               score=lambda h: h.score)
+        if len(ranked) >= request.k or depth >= held:
+            break
+        depth = min(depth * 2, held)
+    if store == "milvus":
         res["milvus"].release()
-    ranked = top_documents(hits, k, document=lambda h: f"{h.source}\x00{h.doc_id}", score=lambda h: h.score)
+    if notes is not None and (note := capped_note(request.k, len(ranked), held, store)):
+        notes.append(note)
     return [{"rank": rank, "score": round(score, 4), "doc_id": hit.doc_id, "source": hit.source, "title": hit.title,
              "chunk_id": hit.chunk_id, "snippet": hit.snippet()} for rank, (hit, score) in enumerate(ranked, start=1)]
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    results = search(args.query, args.k, args.store)
+    from quiver.search import validate_search
+
+    validate_search(args.query, args.k)  # refused before the model or an index is loaded
+    notes: list[str] = []
+    results = search(args.query, args.k, args.store, notes)
+    for note in notes:  # on stderr: --json output stays one JSON document
+        print(f"quiver: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -277,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quiver", description="Documents to fresh vector indexes, on Dagster.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="materialize every source and the indexes (the main job)")
+    run = sub.add_parser("run", help="materialize documents, chunks and embeddings of every source, then faiss_index "
+                         "and milvus_collection with their checks (not retrieval_eval: see `quiver eval`)")
     run.add_argument("--source", action="append", help="only this source (repeatable); default: all")
     run.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
                      help="console log level of the Dagster runs (default INFO)")
@@ -285,50 +293,53 @@ def build_parser() -> argparse.ArgumentParser:
                      "embed-and-insert settings of config/ingest.yaml")
     run.set_defaults(func=cmd_run)
 
-    source = sub.add_parser("source", help="add, list or remove sources (partitions)")
-    source_sub = source.add_subparsers(dest="action", required=True)
-    add = source_sub.add_parser("add", help="register a directory of .md/.txt, a JSONL/Parquet file or BEIR dir")
-    add.add_argument("name")
-    add.add_argument("path")
-    add.add_argument("--kind", choices=SOURCE_KIND_NAMES)
-    add.add_argument("--chunking", choices=CHUNKING_STRATEGIES, default=DEFAULT_CHUNKING,
-                     help="tokens: windows that fit the model (default); whole_document: one chunk per document, "
-                          "truncated by the model, as MTEB encodes BEIR corpora")
-    source_sub.add_parser("list")
-    remove = source_sub.add_parser("remove")
-    remove.add_argument("name")
-    source.set_defaults(func=cmd_source)
+    from platform_defs.cli_model import add_parser as add_export_parser
+    from platform_defs.cli_source import add_parser as add_source_parser
+
+    add_source_parser(sub)
 
     srch = sub.add_parser("search", help="search the FAISS index or the Milvus collection")
-    srch.add_argument("query")
-    srch.add_argument("-k", type=int, default=5)
-    srch.add_argument("--store", choices=["faiss", "milvus"], default="faiss")
+    srch.add_argument("query", help="the text to search for (not empty)")
+    srch.add_argument("-k", type=int, default=DEFAULT_K, metavar="N",
+                      help=f"how many documents to return, at least 1 (default {DEFAULT_K}; capped at what the "
+                           "index holds)")
+    srch.add_argument("--store", choices=["faiss", "milvus"], default="faiss",
+                      help="the FAISS index (default) or the Milvus collection: the same vectors")
     srch.add_argument("--json", action="store_true", help="machine-readable output")
     srch.set_defaults(func=cmd_search)
 
     ev = sub.add_parser("eval", help="retrieval quality of both indexes on a BEIR-format directory")
     ev.add_argument("path", help="a BEIR directory: corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv")
     ev.add_argument("--name", help="source name (default: the directory's name, with -whole for whole_document)")
-    ev.add_argument("--chunking", choices=CHUNKING_STRATEGIES, default=DEFAULT_CHUNKING)
-    ev.add_argument("--split", default="test")
+    ev.add_argument("--chunking", choices=CHUNKING_STRATEGIES, default=DEFAULT_CHUNKING,
+                    help="tokens (default) or whole_document (as MTEB encodes BEIR: reproduces published figures)")
+    ev.add_argument("--split", default="test", help="which qrels/<split>.tsv holds the judgments (default test)")
     ev.add_argument("--aggregation", choices=["max", "sum", "mean"], default="max",
                     help="how a document's score comes from its chunks (default max)")
-    ev.add_argument("--store", choices=["both", "faiss", "milvus"], default="both")
-    ev.add_argument("--ndcg-floor", type=float, default=None, help="fail when nDCG@10 is below this")
+    ev.add_argument("--store", choices=["both", "faiss", "milvus"], default="both",
+                    help="the stores to evaluate (default both)")
+    ev.add_argument("--ndcg-tolerance", type=float, default=None,
+                    help="fail when nDCG@10 drops more than this below the last passing evaluation with the same "
+                         "settings (default 0.01)")
+    ev.add_argument("--ndcg-floor", type=float, default=None,
+                    help="also fail when nDCG@10 is below this absolute floor (default: no floor)")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
-    ev.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
+    ev.add_argument("--log-level", default="CRITICAL", choices=[*LOG_LEVELS, "CRITICAL"],
+                    help="console log level of the Dagster runs (default CRITICAL: the command prints its own "
+                         "report and verdicts; the UI has every event)")
     ev.set_defaults(func=cmd_eval)
 
     rex = sub.add_parser("reexecute", help="re-execute a run, from its failure by default")
-    rex.add_argument("run_id")
+    rex.add_argument("run_id", help="the run to re-execute (its id, as the UI or `quiver run` shows it)")
     rex.add_argument("--all-steps", dest="from_failure", action="store_false",
-                     help="re-execute every step, not only the failed ones and what depends on them")
+                     help="re-execute every step, not only the failed ones and what depends on them (default: "
+                          "from the failure)")
     rex.set_defaults(func=cmd_reexecute)
 
     lim = sub.add_parser("limits", help="concurrency limits per memory class on this machine")
     lim.add_argument("--measure", action="store_true", help="measure the model's memory footprint again")
     lim.add_argument("--apply", action="store_true", help="set the instance's concurrency pools to these limits")
-    lim.add_argument("--json", action="store_true")
+    lim.add_argument("--json", action="store_true", help="machine-readable output")
     lim.set_defaults(func=cmd_limits)
 
     wrk = sub.add_parser("worker", help="start a Celery worker for memory-class queues (QUIVER_EXECUTOR=celery)")
@@ -341,10 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.add_argument("--dry-run", action="store_true", help="print the worker command instead of running it")
     wrk.set_defaults(func=cmd_worker)
 
-    from platform_defs.cli_model import add_parser
     from platform_defs.cli_warm import add_parser as add_warm_parser
 
-    add_parser(sub)
+    add_export_parser(sub)
     add_warm_parser(sub)
     return parser
 

@@ -8,6 +8,7 @@ from typing import Any
 from dagster import DagsterInstance, execute_job, reconstructable
 from upath import UPath
 
+from platform_defs.cli_progress import progress
 from platform_defs.definitions import get_eval_job, get_index_job, get_ingest_job
 from platform_defs.resources import build_resources
 from platform_defs.runs import add_partition, failure_message
@@ -25,21 +26,25 @@ def evaluate(args: argparse.Namespace) -> int:
     name = args.name or UPath(path).name + ("-whole" if args.chunking == "whole_document" else "")
     res = build_resources(resolve_env=True)
     res["sources"].add(name, path, "beir", args.chunking)
-    add_partition(name)
+    add_partition(name, judged=True)
     instance = DagsterInstance.get()
     logging = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
     steps = [("ingesting", get_ingest_job, {"dagster/partition": name}, {}),
              ("indexing", get_index_job, {}, {}),
              ("evaluating", get_eval_job, {"dagster/partition": name}, {"ops": eval_ops_config(args)})]
     result = None
-    for what, job, tags, config in steps:
-        if not args.json:
-            print(f"==> {what} {name!r}", file=sys.stderr, flush=True)
-        result = execute_job(reconstructable(job), instance=instance, tags=tags, run_config={**logging, **config})
-        if not result.success and what != "evaluating":
-            print(f"!! {what} failed: {failure_message(result)}", file=sys.stderr)
-            return 1
+    # each job is minutes of waiting on a large corpus: a bar of the three on a terminal
+    with progress(f"quiver eval {name}", len(steps), quiet=args.json) as bar:
+        for what, job, tags, config in steps:
+            with bar.step(f"{what} {name!r}"):
+                result = execute_job(reconstructable(job), instance=instance, tags=tags,
+                                     run_config={**logging, **config})
+            if not result.success and what != "evaluating":
+                break
     assert result is not None
+    if not result.success and what != "evaluating":
+        print(f"!! {what} failed: {failure_message(result)}", file=sys.stderr)
+        return 1
     report = eval_report(result)
     if report is None:
         print(f"!! evaluation failed: {failure_message(result)}", file=sys.stderr)
@@ -56,6 +61,8 @@ def eval_ops_config(args: argparse.Namespace) -> dict[str, Any]:
                                                          "stores": args.store}}}
     if args.ndcg_floor is not None:
         ops["retrieval_eval_ndcg_at_10_above_floor"] = {"config": {"floor": args.ndcg_floor}}
+    if args.ndcg_tolerance is not None:
+        ops["retrieval_eval_ndcg_at_10_no_regression"] = {"config": {"tolerance": args.ndcg_tolerance}}
     return ops
 
 

@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from platform_defs.cli_progress import progress
 from quiver.backends import BACKENDS, export_record
 
 
@@ -12,15 +13,19 @@ def export(args: argparse.Namespace) -> int:
     from platform_defs.resources import build_resources
 
     pool = build_resources(resolve_env=True)["model_pool"]
-    for backend in args.backend or [pool.backend]:
-        configured = pool.model_copy(update={"backend": backend})
-        if configured.export_spec() is None:
-            print(f"{backend}: runs the model as loaded ({configured.model_path}); nothing to export")
-            continue
-        state = configured.state()
-        record = export_record(Path(state.export_dir))
-        facts = {k: v for k, v in record.items() if k not in ("model_path", "versions")}
-        print(f"{backend}: {state.export_dir}\n  {json.dumps(facts)}")
+    backends = args.backend or [pool.backend]
+    with progress("quiver export", len(backends)) as bar:  # an export takes minutes: a bar on a terminal
+        for backend in backends:
+            configured = pool.model_copy(update={"backend": backend})
+            if configured.export_spec() is None:
+                with bar.step(f"{backend}: nothing to export"):
+                    bar.out(f"{backend}: runs the model as loaded ({configured.model_path}); nothing to export")
+                continue
+            with bar.step(f"exporting {backend} (made once per machine, then reused)"):
+                state = configured.state()
+            record = export_record(Path(state.export_dir))
+            facts = {k: v for k, v in record.items() if k not in ("model_path", "versions")}
+            bar.out(f"{backend}: {state.export_dir}\n  {json.dumps(facts)}")
     return 0
 
 

@@ -9,14 +9,15 @@ from assets.chunks import chunks
 from assets.common import with_code_versions
 from assets.documents import documents
 from assets.embeddings import embeddings
-from assets.faiss_index import faiss_index, faiss_index_matches_chunks
-from assets.milvus_collection import milvus_collection, milvus_collection_matches_chunks
-from assets.retrieval_eval import (
+from assets.eval_checks import (
     faiss_and_milvus_agree,
     ndcg_at_10_above_floor,
+    ndcg_at_10_no_regression,
     results_are_corpus_documents,
-    retrieval_eval,
 )
+from assets.faiss_index import faiss_index, faiss_index_matches_chunks
+from assets.milvus_collection import milvus_collection, milvus_collection_matches_chunks
+from assets.retrieval_eval import retrieval_eval
 from platform_defs.executor import job_executor
 from platform_defs.jobs import eval_job, index_job, ingest_job, refresh_job
 from platform_defs.resources import build_resources
@@ -25,8 +26,8 @@ from platform_defs.sensors import inbox_sensor, index_automation_sensor
 
 # Code versions come from the asset graph: each asset's hashes the project code it runs and its upstream's.
 ALL_ASSETS = with_code_versions([documents, chunks, embeddings, faiss_index, milvus_collection, retrieval_eval])
-ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks, ndcg_at_10_above_floor,
-              faiss_and_milvus_agree, results_are_corpus_documents]
+ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks, ndcg_at_10_no_regression,
+              ndcg_at_10_above_floor, faiss_and_milvus_agree, results_are_corpus_documents]
 
 defs = Definitions(
     assets=ALL_ASSETS,

@@ -5,6 +5,7 @@ from typing import Any
 import yaml
 from dagster import DagsterInstance
 
+from assets.common import judged_sources_partitions, sources_partitions
 from quiver.errors import ConfigError
 
 
@@ -41,13 +42,16 @@ def failure_message(result: Any) -> str:
     return f"run {result.run_id} did not succeed"
 
 
-def add_partition(name: str, instance: DagsterInstance | None = None) -> None:
+def add_partition(name: str, instance: DagsterInstance | None = None, judged: bool = False) -> None:
+    """The source's partition of the document stages and, for a source with judged queries, of retrieval_eval."""
     instance = instance or DagsterInstance.get()
-    if name not in instance.get_dynamic_partitions("sources"):
-        instance.add_dynamic_partitions("sources", [name])
+    for partitions in (sources_partitions.name, *([judged_sources_partitions.name] if judged else [])):
+        if name not in instance.get_dynamic_partitions(partitions):
+            instance.add_dynamic_partitions(partitions, [name])
 
 
 def remove_partition(name: str) -> None:
     instance = DagsterInstance.get()
-    if name in instance.get_dynamic_partitions("sources"):
-        instance.delete_dynamic_partition("sources", name)
+    for partitions in (sources_partitions.name, judged_sources_partitions.name):
+        if name in instance.get_dynamic_partitions(partitions):
+            instance.delete_dynamic_partition(partitions, name)

@@ -28,8 +28,9 @@ from dagster import (
 )
 from upath import UPath
 
-from assets.common import sources_partitions
+from assets.common import judged_sources_partitions, sources_partitions
 from platform_defs.jobs import index_job, ingest_job, refresh_job
+from quiver.beir import is_judged
 from quiver.inbox import InboxUnavailableError, scan_inbox
 from resources.sources import Inbox, SourceRegistry
 
@@ -41,7 +42,8 @@ index_automation_sensor = AutomationConditionSensorDefinition(
     "index_automation_sensor", target=AssetSelection.assets("faiss_index", "milvus_collection"),
     default_status=DefaultSensorStatus.STOPPED,
     description="Brings the FAISS index and the Milvus collection up to date once sources have been (re)ingested. "
-                "Needs `dagster-daemon run`; off until turned on in the UI or with `dagster sensor start`.")
+                "Off until turned on (UI, or `dagster sensor start -m platform_defs index_automation_sensor`), and "
+                "acts only while `dagster-daemon run` is running (`dagster dev` starts one).")
 
 
 # Seconds between two looks at the inbox (QUIVER_INBOX_INTERVAL_S where the definitions load; 15 by default).
@@ -50,8 +52,11 @@ INBOX_INTERVAL_S = int(os.environ.get("QUIVER_INBOX_INTERVAL_S", "15"))
 
 @sensor(jobs=[ingest_job, index_job, refresh_job], minimum_interval_seconds=INBOX_INTERVAL_S,
         default_status=DefaultSensorStatus.STOPPED,
-        description="Files in the inbox directory are sources: added, changed and removed files are ingested, "
-                    "re-ingested and dropped (with their vectors). A missing or unreadable inbox changes nothing.")
+        description="Files in the inbox directory ($QUIVER_INBOX, default $DAGSTER_HOME/inbox) are sources: added, "
+                    "changed and removed files are ingested, re-ingested and dropped (with their vectors). A missing "
+                    "or unreadable inbox changes nothing. Off until turned on (UI, or `dagster sensor start -m "
+                    "platform_defs inbox_sensor`), and acts only while `dagster-daemon run` is running "
+                    "(`dagster dev` starts one).")
 def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: SourceRegistry) -> SensorResult | SkipReason:
     cursor = json.loads(context.cursor) if context.cursor else {}
     # The cursor: {"inbox": the directory its sources came from, "sources": {name: content hash acted on}}
@@ -109,8 +114,14 @@ def inbox_sensor(context: SensorEvaluationContext, inbox: Inbox, sources: Source
     requests = []
     if added:
         requests.append(AddDynamicPartitionsRequest(sources_partitions.name, added))
+    judged = [n for n in added if scan.settled[n].kind == "beir" and is_judged(scan.settled[n].path)]
+    if judged:  # the evaluation's partitions: only the sources it can score
+        requests.append(AddDynamicPartitionsRequest(judged_sources_partitions.name, judged))
     if removed:
         requests.append(DeleteDynamicPartitionsRequest(sources_partitions.name, removed))
+        evaluated = set(context.instance.get_dynamic_partitions(judged_sources_partitions.name))
+        if gone := [n for n in removed if n in evaluated]:
+            requests.append(DeleteDynamicPartitionsRequest(judged_sources_partitions.name, gone))
     if scan.settling:
         context.log.info(f"still being written, next tick: {', '.join(scan.settling)}")
     for name, why in scan.unreadable.items():

@@ -27,6 +27,14 @@ def has_relevance_data(path: str, split: str = "test") -> bool:
     return root.is_dir() and (root / "queries.jsonl").exists() and (root / "qrels" / f"{split}.tsv").exists()
 
 
+def is_judged(path: str) -> bool:
+    """Whether a directory holds judged queries of any split (queries.jsonl and a qrels/*.tsv): a source the
+    retrieval evaluation can score, and so one of its partitions."""
+    root = UPath(path)
+    qrels = root / "qrels"
+    return root.is_dir() and (root / "queries.jsonl").exists() and qrels.is_dir() and any(qrels.glob("*.tsv"))
+
+
 def read_qrels(file: UPath) -> dict[str, dict[str, int]]:
     """query-id, corpus-id, score (a header line is optional); CRLF line ends are fine."""
     qrels: dict[str, dict[str, int]] = {}

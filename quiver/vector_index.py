@@ -98,3 +98,25 @@ def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.
     if isinstance(base, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=selector, nprobe=base.nprobe)
     return faiss.SearchParameters(sel=selector)
+
+
+def index_details(index: faiss.Index) -> dict[str, int | str]:
+    """What a built index is, as a reader compares two of them: its type and the parameters that decide
+    its recall and speed (a manifest keeps this, so a cache hit can say it without reading the index)."""
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2) else index
+    if isinstance(base, faiss.IndexHNSW):
+        return {"type": "hnsw", "M": int(base.hnsw.nb_neighbors(1)),  # level 0 holds 2M
+                "efConstruction": int(base.hnsw.efConstruction), "efSearch": int(base.hnsw.efSearch)}
+    if isinstance(base, faiss.IndexIVF):
+        return {"type": "ivf", "nlist": int(base.nlist), "nprobe": int(base.nprobe)}
+    return {"type": "flat"}
+
+
+def details_text(details: dict[str, int | str]) -> str:
+    """'flat (exact inner product)', 'HNSW (M 32, efConstruction 200, efSearch 128)', 'IVF (132 lists, 16 probed)'."""
+    kind = details.get("type")
+    if kind == "hnsw":
+        return f"HNSW (M {details['M']}, efConstruction {details['efConstruction']}, efSearch {details['efSearch']})"
+    if kind == "ivf":
+        return f"IVF ({details['nlist']} lists, {details['nprobe']} probed)"
+    return "flat (exact inner product)"

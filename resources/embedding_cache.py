@@ -30,6 +30,7 @@ from resources.env import env_set, env_value, from_env
 ENTRY_MAGIC = b"QVE1"
 _ENTRY_HEADER = struct.Struct("<4sI")  # magic, dimension
 LEVELS = ("l1", "l2", "l3")
+LEVEL_NAMES = {"l1": "in-process memory", "l2": "Redis", "l3": "segment files under the storage root"}
 T = TypeVar("T")
 
 
@@ -74,6 +75,17 @@ class CacheStats:
     def as_metadata(self) -> dict[str, int]:
         return {f"cache_{level}_{kind}": getattr(self, kind)[level]
                 for level in LEVELS for kind in ("hits", "misses", "fills", "discarded")}
+
+    def found(self) -> int:
+        """Texts whose vector came from any level (each text is counted at the level that had it)."""
+        return sum(self.hits.values())
+
+    def as_details(self, enabled: dict[str, bool]) -> dict[str, Any]:
+        """Each level's counters under its name, "off" for a level that is not enabled (its zeros mean
+        nothing): what the `details` entry of a materialization shows."""
+        return {level: {"where": LEVEL_NAMES[level], **{kind: getattr(self, kind)[level]
+                                                        for kind in ("hits", "misses", "fills", "discarded")}}
+                if enabled[level] else f"off ({LEVEL_NAMES[level]})" for level in LEVELS}
 
 
 class BytesLRU:
@@ -190,6 +202,9 @@ class EmbeddingCache(ConfigurableResource):
 
     retry_attempts: int = Field(default=6, ge=1, description="Attempts of a Redis call that fails transiently.")
     retry_deadline_s: float = Field(default=60.0, description="No new attempt after this long.")
+
+    def levels_enabled(self) -> dict[str, bool]:
+        return {"l1": self.l1_enabled, "l2": self.l2_enabled, "l3": self.l3_enabled}
 
     def _redis_call(self, what: str, call: Callable[[Any], T]) -> T:
         """call(client), retried with backoff on transient errors (refused, reset, timeout); others fail at once."""

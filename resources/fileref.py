@@ -279,17 +279,26 @@ class FileStore(ConfigurableResource):
     def cache_put(self, asset: Iterable[str], partition: str | None, key: str, payload: dict[str, Any]) -> None:
         write_text_atomic(self._cache_path(asset, partition, key), json.dumps(payload, sort_keys=True))
 
-    def remember_fileref(self, asset: Iterable[str], partition: str | None, key: str, ref: FileRef) -> None:
-        """Record ref as the output for key; `cached_fileref` finds it again."""
-        self.cache_put(asset, partition, key, {"fileref": self._to_stored(ref)})
+    def remember_fileref(self, asset: Iterable[str], partition: str | None, key: str, ref: FileRef,
+                         made: dict[str, Any] | None = None) -> None:
+        """Record ref as the output for key, with how it was made (`made`: the run, when, its figures), so a
+        cache hit can name the materialization it reuses; `cached_fileref` finds it again."""
+        self.cache_put(asset, partition, key, {"fileref": self._to_stored(ref), "made": made or {}})
 
     def cached_fileref(self, asset: Iterable[str], partition: str | None, key: str) -> FileRef | None:
         """The cached output for a key if its file is still there, unchanged; else None."""
+        found = self.cached_output(asset, partition, key)
+        return found[0] if found else None
+
+    def cached_output(self, asset: Iterable[str], partition: str | None,
+                      key: str) -> tuple[FileRef, dict[str, Any]] | None:
+        """The cached output for a key and how it was made (empty for an entry written before that was
+        kept), if its file is still there, unchanged; else None."""
         payload = self.cache_get(asset, partition, key)
         if not payload or "fileref" not in payload:
             return None
         try:
-            return self.check(self._from_stored(payload["fileref"]))
+            return self.check(self._from_stored(payload["fileref"])), dict(payload.get("made") or {})
         except (FileRefError, TypeError):
             return None
 

@@ -78,13 +78,13 @@ class FileRefIOManager(ConfigurableIOManager):
             self.store.write_latest(context.asset_key.path, partition, ref)
         if len(refs) == 1:
             [ref] = refs.values()
-            context.add_output_metadata({**ref.metadata(), "io_seconds": time.perf_counter() - started})
+            context.add_output_metadata({**ref.metadata(), "io_seconds": round(time.perf_counter() - started, 4)})
         else:
             context.add_output_metadata({
                 "rows": MetadataValue.int(sum(r.rows for r in refs.values())),
                 "bytes": MetadataValue.int(sum(r.bytes for r in refs.values())),
                 "paths": MetadataValue.json({p: r.path for p, r in refs.items()}),
-                "io_seconds": time.perf_counter() - started,
+                "io_seconds": round(time.perf_counter() - started, 4),
             })
 
     def _load_input(self, context: InputContext) -> "FileRef | PartitionRefs":

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import queue
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +26,6 @@ from pydantic import Field
 
 from quiver.backends import (
     COMPILED_BACKENDS,
-    INT8_BACKENDS,
     ExportSpec,
     check_backend,
     check_exportable,
@@ -53,7 +51,6 @@ from quiver.models import (
     probe_ok,
     resolve_devices,
     run_forward,
-    torch_threads,
     weights_hash,
 )
 from quiver.settings import BUNDLED_MODEL, resolve_model
@@ -66,6 +63,7 @@ from resources.model_state import (  # noqa: F401 - _STATES: the process-wide re
     ModelInstance,
     PoolState,
     loads_in_this_process,
+    pool_facts,
 )
 
 
@@ -143,7 +141,7 @@ class ModelPool(ConfigurableResource):
             log.info(f"model {self.model} is not preloaded in pid {os.getpid()}: it will be loaded here on first "
                      "use (is platform_defs.preload in the executor's preload_modules?)")
         elif state.inherited:
-            log.info(f"model {self.model} inherited from pid {state.loaded_by_pid} (forkserver preload): no load")
+            log.info(f"model {self.model} inherited from {state.loaded_where}, loaded in {state.load_seconds:.1f}s")
 
     # -- loading ---------------------------------------------------------------------------------
     def state(self) -> PoolState:
@@ -384,26 +382,4 @@ class ModelPool(ConfigurableResource):
     def describe(self) -> dict[str, Any]:
         """Facts for materialization metadata: where the weights came from and what loading cost (a step that
         encoded nothing did not load the model, and says so)."""
-        state = self.loaded_state()
-        if state is None:
-            return {"model": self.model, "model_fingerprint": self.fingerprint(), "model_loaded": False,
-                    "model_backend": self.backend, "host": socket.gethostname(), "step_pid": os.getpid()}
-        return {
-            "model_loaded": True,
-            "model": self.model,
-            "model_fingerprint": state.fingerprint,
-            "model_inherited": state.inherited,
-            "model_loaded_by_pid": state.loaded_by_pid,
-            "model_loads_in_step_process": loads_in_this_process(),
-            "model_loads_by_pid": {str(pid): n for pid, n in LOADS_BY_PID.items()},
-            "host": socket.gethostname(),
-            "step_pid": os.getpid(),
-            "step_parent_pid": os.getppid(),
-            "model_load_seconds": round(state.load_seconds, 3) if not state.inherited else 0.0,
-            "model_instances": self.instances,
-            "model_device": self.device,
-            "model_backend": self.backend,
-            **({"model_quantization": self.quantization} if self.backend in INT8_BACKENDS else {}),
-            **({"model_export": str(state.export_dir)} if state.export_dir else {}),
-            "model_threads": self.intra_op_threads() if state.backend in COMPILED_BACKENDS else torch_threads(),
-        }
+        return pool_facts(self, self.loaded_state())

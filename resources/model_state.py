@@ -6,6 +6,7 @@ same way in a process (same fingerprint) shares one PoolState.
 
 import os
 import queue
+import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,3 +71,41 @@ class PoolState:
     @property
     def inherited(self) -> bool:
         return self.loaded_by_pid != os.getpid()
+
+    @property
+    def loaded_where(self) -> str:
+        """Where the weights this process uses were loaded, in words."""
+        if self.inherited:
+            return (f"pid {self.loaded_by_pid}, before it forked this step's process (a preload: the executor's "
+                    "forkserver, or a Celery worker)")
+        return f"this step's process (pid {self.loaded_by_pid})"
+
+
+def pool_facts(pool: Any, state: "PoolState | None") -> dict[str, Any]:
+    """A model pool's facts for materialization metadata, from its state in this process (None: not loaded)."""
+    from quiver.backends import COMPILED_BACKENDS, INT8_BACKENDS
+    from quiver.models import torch_threads
+
+    if state is None:
+        return {"model": pool.model, "model_fingerprint": pool.fingerprint(), "model_loaded": False,
+                "model_backend": pool.backend, "host": socket.gethostname(), "step_pid": os.getpid()}
+    return {
+        "model_loaded": True,
+        "model": pool.model,
+        "model_fingerprint": state.fingerprint,
+        "model_inherited": state.inherited,
+        "model_loaded_by_pid": state.loaded_by_pid,
+        "model_loads_in_step_process": loads_in_this_process(),
+        "model_loads_by_pid": {str(pid): n for pid, n in LOADS_BY_PID.items()},
+        "host": socket.gethostname(),
+        "step_pid": os.getpid(),
+        "step_parent_pid": os.getppid(),
+        "model_load_seconds": round(state.load_seconds, 3),
+        "model_loaded_in": state.loaded_where,
+        "model_instances": pool.instances,
+        "model_device": pool.device,
+        "model_backend": pool.backend,
+        **({"model_quantization": pool.quantization} if pool.backend in INT8_BACKENDS else {}),
+        **({"model_export": str(state.export_dir)} if state.export_dir else {}),
+        "model_threads": pool.intra_op_threads() if state.backend in COMPILED_BACKENDS else torch_threads(),
+    }

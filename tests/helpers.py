@@ -11,6 +11,8 @@ from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, materiali
 from bench.milvus_server import MilvusServer, free_port  # noqa: F401 - the real server, shared with bench
 from platform_defs.definitions import ALL_ASSETS, ALL_CHECKS
 from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
+from platform_defs.runs import add_partition
+from quiver.beir import is_judged
 from quiver.hashing import vector_id, vector_key
 from tests.conftest import DATASETS
 
@@ -19,9 +21,8 @@ SCIFACT = DATASETS / "scifact"
 
 def add_source(instance: DagsterInstance, resources: dict[str, Any], name: str, path: str | Path,
                kind: str | None = None) -> None:
-    resources["sources"].add(name, str(path), kind)
-    if name not in instance.get_dynamic_partitions("sources"):
-        instance.add_dynamic_partitions("sources", [name])
+    spec = resources["sources"].add(name, str(path), kind)
+    add_partition(name, instance, judged=spec.kind == "beir" and is_judged(spec.path))
 
 
 def ingest(instance: DagsterInstance, resources: dict[str, Any], partition: str,
@@ -39,8 +40,12 @@ def index(instance: DagsterInstance, resources: dict[str, Any], run_config: dict
 
 
 def check_results(result: ExecuteInProcessResult) -> dict[str, Any]:
-    """{check name: evaluation} of the asset checks a run executed."""
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+    """{"asset:check": evaluation} of the asset checks a run executed, and {check name: evaluation} for the
+    names only one asset's check has (both indexes have a check `matches_chunks`)."""
+    evaluations = result.get_asset_check_evaluations()
+    names = [e.check_name for e in evaluations]
+    return {**{e.check_name: e for e in evaluations if names.count(e.check_name) == 1},
+            **{f"{e.asset_key.to_user_string()}:{e.check_name}": e for e in evaluations}}
 
 
 def metadata(result: ExecuteInProcessResult, asset: str) -> dict[str, Any]:
@@ -105,3 +110,40 @@ def scifact_docs(n: int, start: int = 0) -> list[dict[str, Any]]:
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def run_on_a_terminal(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[Any, str]:
+    """Runs a command whose stderr is a pseudo-terminal (as when a person runs it) and stdout a pipe: the
+    finished process (stdout captured) and everything it wrote to the terminal."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal of 160 columns
+    seen: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the other end closed: the process is gone
+                return
+            if not data:
+                return
+            seen.append(data)
+
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    finally:
+        reader.join(timeout=10)
+        os.close(master)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, ""), b"".join(seen).decode(errors="replace")

@@ -213,9 +213,10 @@ def test_the_pipeline_runs_end_to_end_on_onnx_int8(tmp_path: Path, quiver_home: 
     record = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey("embeddings"),
                                                                 asset_partitions=["sci"]), limit=1).records[0]
     first = {k: v.value for k, v in record.event_log_entry.asset_materialization.metadata.items()}
-    assert first["model_backend"] == "onnx-int8" and first["texts_encoded"] == first["rows"] > 12
-    assert first["model_inherited"] is True and first["model_loads_in_step_process"] == 0  # from the forkserver
-    assert first["model_threads"] == 2  # one model step in the run: both cores
+    model = first["details"]["model"]
+    assert model["model_backend"] == "onnx-int8" and first["texts_encoded"] == first["rows"] > 12
+    assert model["model_inherited"] is True and model["model_loads_in_step_process"] == 0  # from the forkserver
+    assert model["model_threads"] == 2  # one model step in the run: both cores
     again = metadata(ingest(instance, resources, "sci", run_config={"ops": {"embeddings": {"config": {
         "force": True}}}}), "embeddings")
     assert again["cache_hit"] is False and again.get("texts_encoded", 0) == 0  # its cache holds the int8 vectors

@@ -188,8 +188,8 @@ def test_one_percent_change_reencodes_only_changed_chunks(
     assert 2 <= len(changed) <= 6
     assert second["cache_hit"] is False
     assert second["texts_encoded"] == len(changed)
-    assert second["cache_l1_hits"] == len(new_hashes) - len(changed)
-    assert second["cache_l1_misses"] == len(changed)
+    assert second["details"]["embedding_cache"]["l1"]["hits"] == len(new_hashes) - len(changed)
+    assert second["details"]["embedding_cache"]["l1"]["misses"] == len(changed)
 
 
 def _segment_store(directory: Path, **kwargs: Any) -> Any:

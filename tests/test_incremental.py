@@ -36,7 +36,7 @@ from tests.helpers import (
 )
 
 SMALL_CHUNKS = {"ops": {"chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}}}
-CHECKS = ("faiss_index_matches_chunks", "milvus_collection_matches_chunks")
+CHECKS = ("faiss_index:matches_chunks", "milvus_collection:matches_chunks")
 
 
 def _corpus(n: int, start: int = 0, chars: int = 450) -> list[dict[str, Any]]:
@@ -134,7 +134,7 @@ def test_store_drift_is_reported_then_repaired(tmp_path: Path, instance: Any, re
     # The collection step repairs the drift; had it not, the blocking check would have failed the run.
     assert metadata(result, "milvus_collection")["upserted"] == 3
     assert metadata(result, "milvus_collection")["deleted"] == 1
-    assert check_results(result)["milvus_collection_matches_chunks"].passed
+    assert check_results(result)["milvus_collection:matches_chunks"].passed
     # Drift introduced after the last write is what the check reports, with the numbers.
     expected = milvus.count()
     milvus.delete_ids(some[:1])
@@ -145,8 +145,8 @@ def test_store_drift_is_reported_then_repaired(tmp_path: Path, instance: Any, re
 
     checks = materialize([*ALL_ASSETS, *ALL_CHECKS], instance=instance, resources=resources, raise_on_error=False,
                          selection=AssetSelection.checks(AssetCheckKey(AssetKey("milvus_collection"),
-                                                                       "milvus_collection_matches_chunks")))
-    evaluation = check_results(checks)["milvus_collection_matches_chunks"]
+                                                                       "matches_chunks")))
+    evaluation = check_results(checks)["milvus_collection:matches_chunks"]
     assert not evaluation.passed
     assert evaluation.description == (f"Milvus: 1 missing, 1 stale, 0 out of date, 0 duplicated "
                                       f"(holds {expected}, expected {expected})")
@@ -250,7 +250,7 @@ def test_step_killed_mid_insert_then_rerun_ends_exact(quiver_home: Path, tmp_pat
     with DagsterInstance.get() as inst:
         from dagster import AssetCheckKey, AssetKey
 
-        for asset, check in (("faiss_index", CHECKS[0]), ("milvus_collection", CHECKS[1])):
+        for asset, check in (("faiss_index", "matches_chunks"), ("milvus_collection", "matches_chunks")):
             record = inst.event_log_storage.get_latest_asset_check_execution_by_key(
                 [AssetCheckKey(AssetKey(asset), check)])[AssetCheckKey(AssetKey(asset), check)]
             assert record.evaluation.passed, check
@@ -311,7 +311,7 @@ def test_async_and_sync_modes_write_identical_stores(
                                                         "preprocess_workers": 2, "insert_batch_size": 7}}},
                       "resources": {"embedding_cache": {"config": {"l1_enabled": False, "l3_enabled": False}}}}
             meta = metadata(ingest(inst, res, "same", run_config=config), "embeddings")
-            assert meta["pipeline_mode"] == mode and meta["texts_encoded"] == meta["rows"]
+            assert meta["details"]["pipeline"]["pipeline_mode"] == mode and meta["texts_encoded"] == meta["rows"]
             index(inst, res)
         table = res["store"].read_table(res["store"].read_latest(["embeddings"], "same"))
         stores[mode] = {
@@ -342,7 +342,7 @@ def test_an_interrupted_write_is_never_a_cache_hit_for_the_collection(tmp_path: 
     result = index(instance, resources)
     meta = metadata(result, "milvus_collection")
     assert meta["cache_hit"] is False and meta["synced_sources"] == ["marks"] and meta["upserted"] == 1
-    assert check_results(result)["milvus_collection_matches_chunks"].passed
+    assert check_results(result)["milvus_collection:matches_chunks"].passed
     assert milvus.existing_keys()[victim] == chunk_rows(resources, "marks")[victim][2]
     assert metadata(index(instance, resources), "milvus_collection")["cache_hit"] is True
 

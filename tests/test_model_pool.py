@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from quiver.errors import ModelPoolError
+from quiver.report import rounded, seconds_text
 from resources import model_pool as mp
 from resources.model_pool import ModelPool
 from tests.helpers import add_source, ingest, metadata, scifact_docs, write_jsonl
@@ -27,11 +28,11 @@ def test_one_load_per_process_across_assets_batches_and_threads(
     for partition in ("a", "b"):
         result = ingest(instance, resources, partition, run_config=config)
         meta = metadata(result, "embeddings")
-        assert meta["encode_batches"] >= 3
-        assert meta["model_inherited"] is False
+        assert meta["details"]["encoding"]["encode_batches"] >= 3
+        assert meta["details"]["model"]["model_inherited"] is False
         assert meta["tokens_encoded"] > meta["texts_encoded"] == meta["rows"]
         assert meta["texts_per_second"] > 0 and meta["tokens_per_second"] > meta["texts_per_second"]
-        assert meta["instance_wait_seconds"] >= 0
+        assert meta["details"]["encoding"]["instance_wait_seconds"] >= 0
     # Another resource object with the same configuration shares the same weights.
     twin = ModelPool()
     assert twin.state() is pool.state()
@@ -147,20 +148,27 @@ def test_multiprocess_steps_inherit_the_preloaded_model(
 ) -> None:
     add_source(instance, resources, "mp", write_jsonl(tmp_path / "mp.jsonl", scifact_docs(10)))
     meta = _execute_ingest(quiver_home, "mp")
-    assert meta["model_inherited"] is True
-    assert meta["model_loads_in_step_process"] == 0
-    forkserver = meta["step_parent_pid"]
-    assert meta["model_loaded_by_pid"] == forkserver != meta["step_pid"]
-    assert meta["model_loads_by_pid"] == {str(forkserver): 1}  # counted in the forkserver, none in the step
-    assert meta["model_load_seconds"] == 0.0
+    model = meta["details"]["model"]
+    assert model["model_inherited"] is True
+    assert model["model_loads_in_step_process"] == 0 and meta["model_loads_this_step"] == 0
+    forkserver = model["step_parent_pid"]
+    assert model["model_loaded_by_pid"] == forkserver != model["step_pid"]
+    assert model["model_loads_by_pid"] == {str(forkserver): 1}  # counted in the forkserver, none in the step
+    # Where the preloaded model was loaded and how long that took are shown, though the step loaded nothing.
+    assert 0 < meta["model_load_seconds"] == rounded(model["model_load_seconds"]) < 120
+    assert meta["model_loaded_in"].startswith(f"pid {forkserver}, before it forked this step's process")
+    assert (f"loaded in {seconds_text(meta['model_load_seconds'])} by pid {forkserver}" in meta["summary"]
+            and "inherited, no load in this step" in meta["summary"])
     # one model step in the run: it gets every core the memory limits count (the executor's threads rule)
     from quiver.memory import memory_settings
 
-    assert meta["model_threads"] == memory_settings({c: (1, "") for c in ("model", "io", "light")}).cores
+    assert model["model_threads"] == memory_settings({c: (1, "") for c in ("model", "io", "light")}).cores
 
     # Without the preload module the step has to load the model itself, and reports it.
     without = {"execution": {"config": {"preload_model": False}}, "ops": {"embeddings": {"config": {"force": True}}}}
     meta = _execute_ingest(quiver_home, "mp", without)
-    assert meta["model_inherited"] is False
-    assert meta["model_loads_in_step_process"] == 1
-    assert json.loads(json.dumps(meta["model_loads_by_pid"])) == {str(meta["step_pid"]): 1}
+    model = meta["details"]["model"]
+    assert model["model_inherited"] is False
+    assert model["model_loads_in_step_process"] == 1 == meta["model_loads_this_step"]
+    assert json.loads(json.dumps(model["model_loads_by_pid"])) == {str(model["step_pid"]): 1}
+    assert meta["model_loaded_in"] == f"this step's process (pid {model['step_pid']})"

@@ -182,9 +182,11 @@ def test_two_celery_workers_share_a_run_by_memory_class(
     # One long-lived worker process embedded both sources, with the model `quiver worker model` preloaded before
     # the worker forked its process (-i platform_defs.preload): no step loaded it.
     first, second = embedded["papers"], embedded["notes"]
-    assert first["step_pid"] == second["step_pid"]
+    first_model, second_model = first["details"]["model"], second["details"]["model"]
+    assert first_model["step_pid"] == second_model["step_pid"]
     assert (first["model_loads_this_step"], second["model_loads_this_step"]) == (0, 0)
-    assert first["model_inherited"] is True and second["model_loads_by_pid"] == {str(first["model_loaded_by_pid"]): 1}
+    assert first_model["model_inherited"] is True
+    assert second_model["model_loads_by_pid"] == {str(first_model["model_loaded_by_pid"]): 1}
     # Every artifact is on the object store, written by one worker and read by the other.
     import s3fs
 

@@ -237,7 +237,7 @@ def test_reexecution_from_failure_reuses_steps_and_does_nothing_twice(
     assert event.run_id == child.run_id
     meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     assert meta["texts_encoded"] == chunks - encoded_before  # nothing embedded twice
-    assert meta["cache_l3_hits"] == encoded_before
+    assert meta["details"]["embedding_cache"]["l3"]["hits"] == encoded_before
     done = subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "platform_defs", "-j",
                            "index_job"], cwd=PROJECT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]  # its reconciliation checks passed: exactly one vector each

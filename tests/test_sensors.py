@@ -300,7 +300,7 @@ def test_a_burst_of_inbox_files_through_a_real_daemon_ends_in_exact_stores(tmp_p
     assert all(r.dagster_run.is_success for r in ingests), [(r.dagster_run.run_id, r.dagster_run.status)
                                                              for r in ingests]
     assert sorted(r.dagster_run.tags["dagster/partition"] for r in ingests) == [f"burst{i}" for i in range(3)]
-    assert _checks(instance) == {"faiss_index_matches_chunks": True, "milvus_collection_matches_chunks": True}
+    assert _checks(instance) == {"faiss_index:matches_chunks": True, "milvus_collection:matches_chunks": True}
     from platform_defs.resources import build_resources
 
     assert_stores_exact(build_resources(resolve_env=True), {
@@ -308,10 +308,42 @@ def test_a_burst_of_inbox_files_through_a_real_daemon_ends_in_exact_stores(tmp_p
 
 
 def _checks(instance: Any) -> dict[str, bool]:
-    """{check name: passed} of the latest evaluation of each asset check in the instance."""
+    """{"asset:check": passed} of the latest evaluation of each asset check in the instance."""
     from dagster import DagsterEventType, EventRecordsFilter
 
     records = instance.get_event_records(EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION),
                                          ascending=True)
-    return {r.event_log_entry.dagster_event.event_specific_data.check_name:
-            r.event_log_entry.dagster_event.event_specific_data.passed for r in records}
+    evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
+    return {f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed for e in evaluations}
+
+
+def test_only_judged_inbox_sources_become_evaluation_partitions(tmp_path: Path, instance: Any,
+                                                                resources: dict[str, Any]) -> None:
+    """A BEIR directory with queries and qrels dropped into the inbox is also a partition of retrieval_eval; a
+    JSONL file is not (it would show as an evaluation missing forever); removing the directory removes both."""
+    import shutil
+
+    box = tmp_path / "inbox"
+    box.mkdir()
+    inbox = Inbox(directory=str(box), settle_seconds=0)
+    shutil.copytree(PROJECT / "tests" / "fixtures" / "tiny_beir", box / "tiny")
+    write_jsonl(box / "plain.jsonl", scifact_docs(2))
+    added = _tick(instance, resources, inbox, None)
+    assert added.dynamic_partitions_requests == [AddDynamicPartitionsRequest("sources", ["plain", "tiny"]),
+                                                 AddDynamicPartitionsRequest("judged_sources", ["tiny"])]
+    assert instance.get_dynamic_partitions("judged_sources") == ["tiny"]
+    shutil.rmtree(box / "tiny")
+    removed = _tick(instance, resources, inbox, added.cursor)
+    assert removed.dynamic_partitions_requests == [DeleteDynamicPartitionsRequest("sources", ["tiny"]),
+                                                   DeleteDynamicPartitionsRequest("judged_sources", ["tiny"])]
+    assert instance.get_dynamic_partitions("judged_sources") == []
+
+
+def test_the_evaluation_schedule_gives_older_beir_sources_their_partition(instance: Any,
+                                                                          resources: dict[str, Any]) -> None:
+    """A BEIR source registered before retrieval_eval had partitions of its own (only a `sources` partition)
+    gets its evaluation partition when the nightly evaluation requests its run."""
+    resources["sources"].add("old", str(PROJECT / "tests" / "fixtures" / "tiny_beir"), "beir")
+    instance.add_dynamic_partitions("sources", ["old"])
+    [request] = evaluation_schedule(_night(instance, sources=resources["sources"]))
+    assert request.partition_key == "old" and instance.get_dynamic_partitions("judged_sources") == ["old"]

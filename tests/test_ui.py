@@ -212,3 +212,105 @@ def test_browser_sees_every_asset_and_materializes_a_source(quiver_home: Path, t
         run = instance.get_run_by_id(event.run_id)
         assert run.is_success and run.tags["dagster/partition"] == "tiny"
         assert run.tags.get("dagster/from_ui") == "true"  # launched from the browser
+
+
+def _metadata_rows(page) -> dict[str, str]:  # noqa: ANN001 - a Playwright page
+    """{key: the row's text} of the metadata table the page shows."""
+    rows = {}
+    for row in page.locator("tr").all():
+        cells = row.locator("td")
+        if cells.count() >= 2:
+            rows[cells.first.inner_text().strip()] = row.inner_text()
+    return rows
+
+
+def test_browser_shows_the_summary_of_a_fresh_materialization_and_of_a_cache_hit(
+    quiver_home: Path, tmp_path: Path, instance, resources  # noqa: ANN001
+) -> None:
+    """The asset page of `embeddings`, in headless Chromium: a fresh materialization leads with what it did (time,
+    texts/s, tokens/s, cache hit rate, model load, Milvus); a cache hit says it is one, names the run whose output
+    it reuses, and shows no throughput. Screenshots go to test-artifacts/."""
+    from dagster import AssetKey, AssetRecordsFilter
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import add_source, ingest
+
+    if not Path(CHROMIUM).exists():
+        raise AssertionError("Debian's chromium is not installed (scripts/browser.sh installs it)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(3):
+        (notes / f"n{i}.md").write_text(f"# Note {i}\n\nHow to parse json, part {i}.\n", encoding="utf-8")
+    add_source(instance, resources, "notes", notes)
+    fresh = ingest(instance, resources, "notes")
+    hit = ingest(instance, resources, "notes")
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey("embeddings")), limit=2).records
+    when = {r.event_log_entry.run_id: int(r.event_log_entry.timestamp * 1000) for r in records}
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p",
+         str(port)], cwd=PROJECT, env={**os.environ, "DAGSTER_HOME": str(quiver_home)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+
+            def open_event(run_id: str) -> dict[str, str]:
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        page.goto(f"{base}/assets/embeddings?view=events&time={when[run_id]}", timeout=10_000)
+                        page.get_by_text(f"materialized in run {run_id[:8]}").wait_for(timeout=30_000)
+                        break
+                    except Exception:  # noqa: BLE001 - the webserver is still starting
+                        assert server.poll() is None, "dagster-webserver exited"
+                        assert time.monotonic() < deadline, "the webserver did not show the event within 180 s"
+                        time.sleep(2)
+                skip = page.get_by_role("button", name="Skip")  # the community sign-up dialog of a fresh instance
+                if skip.count():
+                    skip.click()
+                page.get_by_text("summary", exact=True).first.wait_for(timeout=30_000)
+                return _metadata_rows(page)
+
+            rows = open_event(fresh.run_id)
+            page.screenshot(path=str(ARTIFACTS / "ui-embeddings-fresh.png"), full_page=True)
+            summary = rows["summary"]
+            assert "Computed 3 chunks of notes in " in summary
+            assert "Encoded 3 texts at " in summary and "texts/s" in summary and "tokens/s" in summary
+            assert "Embedding cache: 0% hit (0 of 3 texts; L1 0, L3 0)" in summary
+            assert "Milvus: 3 vectors upserted, 0 deleted, 0 unchanged" in summary
+            assert "Model bundled:all-MiniLM-L6-v2 (torch, cpu): loaded in " in summary
+            assert list(rows)[0] == "summary"  # first, before every figure
+            assert rows["cache_hit"].split()[-1] == "false"
+            assert {"texts_per_second", "tokens_per_second", "embedding_cache_hit_rate", "model_load_seconds",
+                    "milvus_upserted", "details"} <= set(rows)
+            assert not [k for k in rows if k.startswith("cache_l") or k.endswith("_pid")]  # in `details` now
+
+            rows = open_event(hit.run_id)
+            page.screenshot(path=str(ARTIFACTS / "ui-embeddings-cache-hit.png"), full_page=True)
+            summary = rows["summary"]
+            assert "Cache hit for notes: nothing recomputed" in summary
+            assert f"Output of run {fresh.run_id[:8]} reused, made " in summary and ": 3 chunks in " in summary
+            assert "That run: Encoded 3 texts at " in summary
+            assert rows["cache_hit"].split()[-1] == "true"
+            assert fresh.run_id in rows["reused_run_id"]  # a link to the run whose output is reused
+            assert not {"texts_per_second", "tokens_per_second", "rows_per_second", "duration_seconds"} & set(rows)
+
+            # the asset's overview: owners and kinds, the latest (the hit) summary in its metadata table
+            page.goto(f"{base}/assets/embeddings", timeout=30_000)
+            page.get_by_text("Owners", exact=True).wait_for(timeout=30_000)
+            page.get_by_text("Cache hit for notes: nothing recomputed", exact=False).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-embeddings-overview.png"), full_page=True)
+            overview = page.inner_text("body")
+            assert "L1, in-process memory" in overview and "L3, segment files under the storage root" in overview
+            for shown in ("quiver", "PyTorch", "Hugging Face", "Parquet"):
+                assert shown in overview, shown
+            browser.close()
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait(timeout=30)
