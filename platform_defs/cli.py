@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from quiver.errors import ConfigError, QuiverError
-from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING
+from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING, SOURCE_KINDS
 from quiver.settings import PROJECT_ROOT, dagster_home
-from quiver.sources import SOURCE_KINDS
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -131,7 +130,12 @@ def search(query: str, k: int, store: str) -> list[dict[str, Any]]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    results = search(args.query, args.k, args.store)
+    if os.environ.get("QUIVER_SERVER_URL"):  # a running `quiver serve`: no model to load here
+        from quiver.serving.client import search_server
+
+        results = search_server(os.environ["QUIVER_SERVER_URL"], args.query, args.k, args.store)
+    else:
+        results = search(args.query, args.k, args.store)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -319,8 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.set_defaults(func=cmd_worker)
 
     from platform_defs.cli_model import add_parser
+    from platform_defs.serve_cli import add_parser as add_serve_parser
 
     add_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Names users give and choose: the one rule for source names, and the chunking strategies.
+"""Names users give and choose: the one rule for source names, the source kinds and the chunking strategies.
 
 A source name is also a partition key and part of storage paths. One that reaches a path (a partition added
 from the UI or GraphQL, a registry file, an inbox entry) is checked here first, so no path outside the
@@ -20,6 +20,10 @@ def check_source_name(name: object, what: str = "source name") -> str:
         raise ConfigError(f"{what} {name!r} is not allowed: use {RULE}")
     return name
 
+
+# What a source can be read as (quiver/sources.py reads each kind).
+SourceKind = Literal["stdlib", "files", "jsonl", "parquet", "beir"]
+SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 
 # tokens: windows that fit the model; whole_document: one chunk per document, title + " " + text, left for the
 # model to truncate, as MTEB encodes BEIR corpora (to reproduce published figures).
