@@ -111,6 +111,10 @@ class Service:
     # -- loading and watching -----------------------------------------------------------------------
     def load(self) -> None:
         """Load the model (and warm it), open the index, then watch CURRENT; /readyz says when it is done."""
+        self.watcher.refresh()  # the index opens without the model: /readyz says at once if there is none
+        if self.watcher.problem:
+            log.warning(f"not ready yet: {self.watcher.problem}")
+        self.watcher.start()
         started = time.perf_counter()
         try:
             self.pool.loaded()
@@ -121,10 +125,6 @@ class Service:
             return
         self.model_ready = True
         log.info(f"model {self.model} loaded in {time.perf_counter() - started:.1f}s")
-        self.watcher.refresh()
-        if self.watcher.problem:
-            log.warning(f"not ready yet: {self.watcher.problem}")
-        self.watcher.start()
         self._update_ready()
 
     def _check_model(self, version: str, opened: Any) -> None:
