@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from quiver.errors import QuiverError
 from quiver.serving.requests import SearchRequest, ServeError
 from quiver.serving.results import chunk_results, document_results, fetch_depth
 from quiver.serving.watcher import IndexWatcher
@@ -36,7 +37,10 @@ class SearchEngine:
     def run_batch(self, requests: Sequence[SearchRequest]) -> list[dict[str, Any] | BaseException]:
         """Each request's answer, or the ServeError that says why it has none, in order."""
         texts = list(dict.fromkeys(q for r in requests for q in r.queries))
-        vectors = self.encode(texts)
+        try:
+            vectors = self.encode(texts)  # one forward pass for the whole batch
+        except QuiverError as exc:  # the model pool gave up on its instances: not the clients' fault
+            return [ServeError(503, f"the model failed: {exc}")] * len(requests)
         row = {text: i for i, text in enumerate(texts)}
         answers: list[dict[str, Any] | BaseException] = [ServeError(500, "not answered")] * len(requests)
         for store in ("faiss", "milvus"):
