@@ -79,17 +79,22 @@ def build_home(args: argparse.Namespace) -> Path:
     return home
 
 
-async def drive(url: str, clients: int, seconds: float, marker_every: int = 0) -> list[dict[str, Any]]:
-    """`clients` clients, each sending its next request when the last one was answered, for `seconds`; every
-    `marker_every`-th request of a client asks for the marker document."""
+async def drive(url: str, clients: int, seconds: float, marker_every: int = 0,
+                until: asyncio.Event | None = None) -> list[dict[str, Any]]:
+    """`clients` clients, each sending its next request when the last one was answered, for `seconds` (or until
+    the event is set; the requests in flight then are waited for); every `marker_every`-th request of a client
+    asks for the marker document."""
     import httpx
 
     records: list[dict[str, Any]] = []
     end = time.perf_counter() + seconds
 
+    def going() -> bool:
+        return not until.is_set() if until is not None else time.perf_counter() < end
+
     async def client(number: int, http: httpx.AsyncClient) -> None:
         sent = 0
-        while time.perf_counter() < end:
+        while going():
             marker = marker_every and sent % marker_every == marker_every - 1
             body = ({"query": MARKER_QUERY, "k": 1, "source": "swaps", "documents": True} if marker else
                     {"query": QUERIES[(number + sent) % len(QUERIES)], "k": K, "documents": True})
@@ -128,11 +133,12 @@ def batch_counts(server: ServerProcess) -> tuple[float, float]:
     return values.get("quiver_batch_queries_count", 0.0), values.get("quiver_batch_queries_sum", 0.0)
 
 
-def level_row(batching: str, clients: int, seconds: float, records: list[dict[str, Any]],
+def level_row(batching: str, clients: int, wall_s: float, records: list[dict[str, Any]],
               batches: float, queries: float) -> dict[str, Any]:
+    """One run's figures; QPS over its whole wall time, the last requests' answers included."""
     ok = [r["latency_s"] * 1000 for r in records if r["status"] == 200]
     return {"batching": batching, "clients": clients, "requests": len(records), "errors": len(records) - len(ok),
-            "qps": round(len(ok) / seconds, 1), "p50_ms": round(percentile(ok, 50), 1),
+            "qps": round(len(ok) / wall_s, 1), "p50_ms": round(percentile(ok, 50), 1),
             "p95_ms": round(percentile(ok, 95), 1), "p99_ms": round(percentile(ok, 99), 1),
             "mean_batch": round(queries / max(1.0, batches), 1)}
 
@@ -155,10 +161,12 @@ def load_levels(home: Path, levels: list[int], seconds: float, repeats: int, log
             for repeat in range(repeats):
                 for mode in ("on", "off") if repeat % 2 == 0 else ("off", "on"):
                     batches0, queries0 = batch_counts(servers[mode])
+                    started = time.perf_counter()
                     records = asyncio.run(drive(servers[mode].url, clients, seconds))
+                    wall = time.perf_counter() - started
                     batches1, queries1 = batch_counts(servers[mode])
-                    runs.append({**level_row(mode, clients, seconds, records, batches1 - batches0,
-                                             queries1 - queries0), "repeat": repeat})
+                    runs.append({**level_row(mode, clients, wall, records, batches1 - batches0,
+                                             queries1 - queries0), "repeat": repeat, "wall_s": round(wall, 2)})
                     print(f"batching {mode}, {clients} clients, repeat {repeat + 1}: {runs[-1]}", flush=True)
     finally:
         for server in servers.values():
@@ -228,9 +236,8 @@ async def swaps_under_load(home: Path, swaps: int, clients: int, grace_s: float,
 
     started = time.perf_counter()
     publisher = asyncio.create_task(publish())
-    records: list[dict[str, Any]] = []
-    while not stop.is_set():  # rounds of 4 s, until the last version has been served for 2 s
-        records += await drive(server.url, clients, 4.0, marker_every=4)
+    # Every other request of each client asks for the marker, until the last version has been out for 2 s.
+    records = await drive(server.url, clients, 0, marker_every=2, until=stop)
     await publisher
     wall = time.perf_counter() - started
     worker.stdin.close()
