@@ -287,53 +287,6 @@ def test_refuses_to_start_on_an_index_of_another_model(served: Served, tmp_path:
         "QUIVER_MODEL_QUANTIZATION), or rebuild the index with this model"))
 
 
-def test_a_batch_in_flight_keeps_its_version_and_another_model_is_never_served(quiver_home: Path) -> None:
-    """The watcher on a real FAISS store: versions published as faiss_index publishes them (write, then CURRENT)."""
-    import numpy as np
-    import pyarrow as pa
-
-    from quiver.serving.watcher import IndexWatcher, RefusedVersion, model_mismatch
-    from resources.faiss_store import FaissStore
-
-    store = FaissStore()
-    vectors = np.eye(3, 8, dtype=np.float32)
-
-    def publish(key: str, fingerprint: str) -> str:
-        payload = pa.table({"vector_id": pa.array([1, 2, 3], pa.int64()),
-                            **{c: [f"{key}-{c}-{i}" for i in range(3)] for c in ("chunk_id", "doc_id", "title", "text",
-                                                                                    "vector_key")},
-                            "source": ["s"] * 3})
-        manifest = store.write_version(key, vectors, payload, {"model_fingerprints": [fingerprint]})
-        store.make_current(manifest["version"])
-        return str(manifest["version"])
-
-    def check(name: str, opened: Any) -> None:
-        if problem := model_mismatch(name, opened.manifest, "ours", "the model"):
-            raise RefusedVersion(problem)
-
-    events: list[tuple[str, str]] = []
-    watcher = IndexWatcher(store, check=check, listener=lambda event, facts: events.append((event, facts["version"])))
-    assert watcher.refresh() is False and watcher.problem == (
-        f"no FAISS index under {store.directory} yet: materialize faiss_index first")
-    a = publish("a", "ours")
-    assert watcher.refresh() is True and watcher.current is not None and watcher.current.name == a
-    with watcher.use() as in_flight:
-        b = publish("b", "ours")
-        assert watcher.refresh() is True and watcher.current.name == b
-        assert in_flight.name == a and not in_flight.closed  # the batch still searches its own version
-        assert [h.chunk_id for h in in_flight.index.search(vectors[:1], 1)[0]] == ["a-chunk_id-0"]
-        assert events == [("swap", a), ("swap", b)]  # a is not closed while a batch uses it
-    assert in_flight.closed and in_flight.index is None
-    assert events[-1] == ("closed", a)
-    c = publish("c", "theirs")
-    assert watcher.refresh() is False and watcher.current.name == b
-    assert watcher.problem == model_mismatch(c, store.manifest(c), "ours", "the model")
-    assert watcher.refresh() is False and events[-1] == ("refused", c)
-    assert [e for e in events if e[0] == "refused"] == [("refused", c)]  # refused once, not reopened every poll
-    with watcher.use() as served:
-        assert served.name == b and [h.chunk_id for h in served.index.search(vectors[:1], 1)[0]] == ["b-chunk_id-0"]
-
-
 def test_readiness_is_503_until_the_index_exists(quiver_home: Path, tmp_path: Path) -> None:
     from dagster import DagsterInstance
 
