@@ -77,7 +77,8 @@ def embed_partition(context: AssetExecutionContext, partition: str, chunks: File
 
     def compute() -> Computed:
         before, stats = model_pool.metrics(), CacheStats()
-        with store.parquet_writer(["embeddings"], partition, embeddings_schema(model_pool.dimension())) as writer:
+        schema = embeddings_schema(model_pool.dimension(), model_pool.fingerprint())
+        with store.parquet_writer(["embeddings"], partition, schema) as writer:
             result = embed_partition_vectors(
                 store.iter_batches(chunks, config.texts_per_batch, columns=CHUNK_COLUMNS), partition, chunks.rows,
                 pool=model_pool, cache=cache, stats=stats, writer=writer,

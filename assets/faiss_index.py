@@ -34,6 +34,7 @@ from assets.indexes_common import (
     content_hash,
     diff_index,
     embedding_dimension,
+    embedding_fingerprints,
     index_stage,
     iter_rows,
     partitions_hashes,
@@ -121,6 +122,17 @@ def update_version(draft: FaissDraft, faiss_store: FaissStore, current: str, sto
             "changes_since_rebuild": manifest.get("changes_since_rebuild", 0) + added + len(diff.stale)}
 
 
+def model_fingerprints(store: FileStore, embeddings: PartitionRefs, current_manifest: dict[str, Any] | None,
+                       carried: Mapping[int, str]) -> list[str]:
+    """The models whose vectors the version holds: the partitions' (an update keeps only vectors whose key, which
+    includes the model's fingerprint, is a partition's), and the current version's for the vectors it carries
+    ("": a model that was not recorded)."""
+    found = embedding_fingerprints(store, embeddings)
+    if carried:
+        found |= set((current_manifest or {}).get("model_fingerprints", [""]))
+    return sorted(found)
+
+
 def can_update(manifest: dict[str, Any], settings: IndexSettings, dimension: int, diff: IndexDiff,
                config: FaissIndexConfig) -> bool:
     """Updating in place gives the same index a rebuild would, up to the clusters an IVF was trained on."""
@@ -181,6 +193,7 @@ def faiss_index(
             facts = rebuild_version(draft, store, embeddings, diff, settings, dimension,
                                     carried_rows(faiss_store, current, set(carried)))
         draft.manifest = {**facts, "content_hash": content_hash({**diff.desired, **carried}),
+                          "model_fingerprints": model_fingerprints(store, embeddings, current_manifest, carried),
                           "partitions": sorted(embeddings), "run_id": context.run.run_id,
                           "details": index_details(draft.index) if draft.index is not None else {},
                           "settings": settings.__dict__, "build_seconds": time.perf_counter() - build_started}

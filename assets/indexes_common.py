@@ -24,7 +24,7 @@ from dagster import (
 from assets.common import OWNERS, STORAGE_KIND, fail_fast_unless_transient, memory_class
 from quiver.errors import QuiverError
 from quiver.hashing import KeyDigest, vector_id, vector_key
-from quiver.vectors import KEY_COLUMNS, key_pairs
+from quiver.vectors import KEY_COLUMNS, key_pairs, model_fingerprint_of
 from resources.fileref import FileRef, FileStore
 from resources.fileref_io import SKIP_MISSING_PARTITIONS, PartitionRefs
 
@@ -137,6 +137,12 @@ def embedding_dimension(store: FileStore, embeddings: Mapping[str, FileRef]) -> 
     for _, ref in sorted(embeddings.items()):
         return store.parquet_schema(ref).field("vector").type.list_size
     return 0
+
+
+def embedding_fingerprints(store: FileStore, embeddings: Mapping[str, FileRef]) -> set[str]:
+    """Fingerprints of the models that made the partitions' vectors, from their schemas ("": one that does not
+    say, written before they were recorded)."""
+    return {model_fingerprint_of(store.parquet_schema(ref)) for _, ref in sorted(embeddings.items())}
 
 
 def expected_vectors(store: FileStore, chunks: Mapping[str, FileRef], model_fingerprint: str) -> dict[int, str]:

@@ -158,7 +158,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     validate_search(args.query, args.k)  # refused before the model or an index is loaded
     notes: list[str] = []
-    results = search(args.query, args.k, args.store, notes)
+    if os.environ.get("QUIVER_SERVER_URL"):  # a running `quiver serve`: no model to load here
+        from quiver.serving.client import search_server
+
+        results = search_server(os.environ["QUIVER_SERVER_URL"], args.query, args.k, args.store)
+    else:
+        results = search(args.query, args.k, args.store, notes)
     for note in notes:  # on stderr: --json output stays one JSON document
         print(f"quiver: {note}", file=sys.stderr)
     if args.json:
@@ -353,9 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.set_defaults(func=cmd_worker)
 
     from platform_defs.cli_warm import add_parser as add_warm_parser
+    from platform_defs.serve_cli import add_parser as add_serve_parser
 
     add_export_parser(sub)
     add_warm_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

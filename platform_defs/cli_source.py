@@ -4,8 +4,7 @@ queries, of retrieval_eval)."""
 import argparse
 import sys
 
-from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING
-from quiver.names import SOURCE_KIND_NAMES as SOURCE_KINDS
+from quiver.names import CHUNKING_STRATEGIES, DEFAULT_CHUNKING, SOURCE_KINDS
 from quiver.tables import aligned
 
 

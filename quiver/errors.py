@@ -24,3 +24,7 @@ class ConfigError(QuiverError):
 
 class ModelPoolError(QuiverError):
     """A model that cannot be used: a device that is not there, an instance that kept failing its reloads."""
+
+
+class BusyError(QuiverError):
+    """A store that another process holds now (a Milvus Lite database): asking again later can succeed."""

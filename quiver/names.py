@@ -1,4 +1,4 @@
-"""Names users give and choose: the one rule for source names, and the chunking strategies.
+"""Names users give and choose: the one rule for source names, the source kinds and the chunking strategies.
 
 A source name is also a partition key and part of storage paths. One that reaches a path (a partition added
 from the UI or GraphQL, a registry file, an inbox entry) is checked here first, so no path outside the
@@ -21,10 +21,12 @@ def check_source_name(name: object, what: str = "source name") -> str:
     return name
 
 
+# What a source can be read as (quiver/sources.py reads each kind).
+SourceKind = Literal["stdlib", "files", "jsonl", "parquet", "beir"]
+SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
+
 # tokens: windows that fit the model; whole_document: one chunk per document, title + " " + text, left for the
 # model to truncate, as MTEB encodes BEIR corpora (to reproduce published figures).
 ChunkingStrategy = Literal["tokens", "whole_document"]
 CHUNKING_STRATEGIES: tuple[str, ...] = get_args(ChunkingStrategy)
 DEFAULT_CHUNKING: ChunkingStrategy = "tokens"
-
-SOURCE_KIND_NAMES: tuple[str, ...] = ("stdlib", "files", "jsonl", "parquet", "beir")

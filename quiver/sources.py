@@ -19,10 +19,8 @@ from upath import UPath
 
 from quiver.errors import InputError
 from quiver.hashing import document_hash
-from quiver.names import SOURCE_KIND_NAMES
+from quiver.names import SOURCE_KINDS, SourceKind  # noqa: F401 - SOURCE_KINDS: imported from here too
 
-SourceKind = Literal["stdlib", "files", "jsonl", "parquet", "beir"]
-SOURCE_KINDS = SOURCE_KIND_NAMES  # the names, kept in quiver/names.py for the CLI's parser
 TEXT_SUFFIXES = (".md", ".markdown", ".txt", ".rst")
 # A file that is a source by itself, by the end of its name (the longest first).
 FILE_SUFFIXES: dict[str, SourceKind] = {".jsonl.gz": "jsonl", ".jsonl": "jsonl", ".ndjson": "jsonl",

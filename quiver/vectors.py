@@ -50,11 +50,22 @@ def payload_schema() -> pa.Schema:
     return pa.schema([(f.name, pa.int64() if f.max_bytes is None else pa.string()) for f in PAYLOAD])
 
 
-def embeddings_schema(dimension: int) -> pa.Schema:
-    """The embeddings Parquet: the payload, the chunk's hash, and the vector."""
+# Schema metadata of an embeddings Parquet: the fingerprint of the model that made its vectors, which the FAISS
+# manifest records, so that a query is only ever encoded by the model its index was made with (`quiver serve`).
+MODEL_FINGERPRINT_KEY = b"quiver.model_fingerprint"
+
+
+def embeddings_schema(dimension: int, model_fingerprint: str = "") -> pa.Schema:
+    """The embeddings Parquet: the payload, the chunk's hash, and the vector (and the model's fingerprint)."""
     fields = list(payload_schema())
     fields.insert(len(fields) - 1, pa.field("chunk_hash", pa.string()))
-    return pa.schema([*fields, pa.field("vector", pa.list_(pa.float32(), dimension))])
+    schema = pa.schema([*fields, pa.field("vector", pa.list_(pa.float32(), dimension))])
+    return schema.with_metadata({MODEL_FINGERPRINT_KEY: model_fingerprint.encode()}) if model_fingerprint else schema
+
+
+def model_fingerprint_of(schema: pa.Schema) -> str:
+    """The fingerprint of the model an embeddings Parquet's vectors came from ("" when it does not say)."""
+    return (schema.metadata or {}).get(MODEL_FINGERPRINT_KEY, b"").decode()
 
 
 def embeddings_batch(chunk_batch: pa.RecordBatch, vectors: np.ndarray, source: str, fingerprint: str,

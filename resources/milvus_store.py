@@ -9,13 +9,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
 from dagster import ConfigurableResource, InitResourceContext, get_dagster_logger
 from pydantic import Field
 
-from quiver.errors import ConfigError, QuiverError
+from quiver.errors import BusyError, ConfigError, QuiverError
 from quiver.hashing import KeyDigest
 from quiver.retry import RetrySettings, call_with_retries
 from quiver.settings import default_milvus_uri
@@ -40,6 +41,7 @@ from resources.milvus_clients import (
 )
 
 T = TypeVar("T")
+_LITE_TURN_ENDED: dict[str, float] = {}  # Milvus Lite URI -> when this process's last brief turn on it ended
 # Collection property prefix of the per-source exact marks (property value: that source's KeyDigest).
 EXACT_MARK = "quiver.exact."
 
@@ -105,6 +107,28 @@ class MilvusStore(ConfigurableResource):
         steps all run in one process, the run's end does (opening it again costs each later step half a second)."""
         if self.is_lite and not os.environ.get(IN_PROCESS_RUN_ENV):
             close_milvus_clients(self.uri)
+
+    @contextmanager
+    def brief_turn(self, wait_s: float, yield_s: float = 0.06) -> Iterator[None]:
+        """A turn for a reader that must answer quickly (`quiver serve`): a Milvus Lite database is taken within
+        wait_s (BusyError, naming its holder, otherwise) and given back at the end, so that a pipeline step waits
+        for one request batch at most. A new turn starts `yield_s` after the last one ended at the soonest: a
+        step waiting for the database polls its lock every 50 ms and gets in between. A server needs no turn."""
+        if not self.is_lite:
+            yield
+            return
+        time.sleep(max(0.0, _LITE_TURN_ENDED.get(self.uri, 0.0) + yield_s - time.monotonic()))
+        deadline = time.monotonic() + wait_s
+        while not hold_lite(self.uri, wait=False):
+            if time.monotonic() >= deadline:
+                raise BusyError(f"the Milvus Lite database {self.uri} is held by another process "
+                                f"({lite_holder(self.uri)}); it admits one process at a time")
+            time.sleep(0.02)
+        try:
+            yield
+        finally:
+            self.release()
+            _LITE_TURN_ENDED[self.uri] = time.monotonic()
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         """A step's end releases the Milvus Lite database for the next process, if nothing did before."""

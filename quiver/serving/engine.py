@@ -1,0 +1,112 @@
+"""One micro-batch of search requests: every query encoded in one forward pass, then one search per store and
+source on the version being served, and each request's answer cut from it."""
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from quiver.errors import QuiverError
+from quiver.serving.requests import SearchRequest, ServeError
+from quiver.serving.results import chunk_results, document_results, fetch_depth
+from quiver.serving.watcher import IndexWatcher
+from quiver.vectors import SearchHit
+
+Search = Callable[[np.ndarray, int, str | None], list[list[SearchHit]]]
+
+
+class MilvusReader(Protocol):
+    """The Milvus collection as the service reads it (platform_defs/serve.py wraps the MilvusStore resource)."""
+
+    name: str
+
+    def turn(self) -> AbstractContextManager[None]: ...
+
+    def search(self, queries: np.ndarray, k: int, source: str | None) -> list[list[SearchHit]]: ...
+
+
+@dataclass
+class SearchEngine:
+    encode: Callable[[list[str]], np.ndarray]
+    faiss: IndexWatcher
+    milvus: MilvusReader
+    registered_sources: Callable[[], set[str]]
+
+    def run_batch(self, requests: Sequence[SearchRequest]) -> list[dict[str, Any] | BaseException]:
+        """Each request's answer, or the ServeError that says why it has none, in order."""
+        texts = list(dict.fromkeys(q for r in requests for q in r.queries))
+        try:
+            vectors = self.encode(texts)  # one forward pass for the whole batch
+        except QuiverError as exc:  # the model pool gave up on its instances: not the clients' fault
+            return [ServeError(503, f"the model failed: {exc}")] * len(requests)
+        row = {text: i for i, text in enumerate(texts)}
+        answers: list[dict[str, Any] | BaseException] = [ServeError(500, "not answered")] * len(requests)
+        for store in ("faiss", "milvus"):
+            asked = [i for i, r in enumerate(requests) if r.store == store]
+            if not asked:
+                continue
+            try:
+                with self._reading(store) as (search, held, version):
+                    known = held | self.registered_sources()
+                    for i, answer in self._answer([requests[i] for i in asked], vectors, row, search, known,
+                                                  version):
+                        answers[asked[i]] = answer
+            except ServeError as exc:
+                for i in asked:
+                    answers[i] = exc
+        return answers
+
+    def _reading(self, store: str) -> AbstractContextManager[tuple[Search, frozenset[str], str | None]]:
+        return _faiss_reading(self.faiss) if store == "faiss" else _milvus_reading(self.milvus, self.faiss)
+
+    @staticmethod
+    def _answer(requests: list[SearchRequest], vectors: np.ndarray, row: dict[str, int], search: Search,
+                known: set[str] | frozenset[str], version: str | None) -> Iterator[tuple[int, Any]]:
+        by_source: dict[str | None, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_source.setdefault(request.source, []).append(i)
+        for source, members in by_source.items():
+            if source is not None and source not in known:
+                error = ServeError(422, f"unknown source {source!r}: the sources are {', '.join(sorted(known))}")
+                yield from ((i, error) for i in members)
+                continue
+            texts = list(dict.fromkeys(q for i in members for q in requests[i].queries))
+            depth = max(fetch_depth(requests[i].k, requests[i].documents) for i in members)
+            hits = search(vectors[[row[t] for t in texts]], depth, source)  # one search for the whole group
+            found = dict(zip(texts, hits, strict=True))
+            for i in members:
+                yield i, _response(requests[i], found, version)
+
+
+def _response(request: SearchRequest, found: dict[str, list[SearchHit]], version: str | None) -> dict[str, Any]:
+    depth = fetch_depth(request.k, request.documents)
+    results = []
+    for query in request.queries:
+        hits = found[query][:depth]
+        shown = document_results(hits, request.k, request.aggregation) if request.documents else chunk_results(
+            hits, request.k)
+        results.append({"query": query, "index_version": version, "hits": shown})
+    answer: dict[str, Any] = {"store": request.store, "index_version": version, "k": request.k,
+                              "documents": request.documents, "results": results}
+    if request.single:
+        answer["hits"] = results[0]["hits"]
+    return answer
+
+
+@contextmanager
+def _faiss_reading(watcher: IndexWatcher) -> Iterator[tuple[Search, frozenset[str], str | None]]:
+    """The served FAISS version, held for the batch (a swap meanwhile leaves it open until the batch is done)."""
+    with watcher.use() as served:
+        yield served.index.search, served.sources, served.name
+
+
+@contextmanager
+def _milvus_reading(milvus: MilvusReader, faiss: IndexWatcher) -> Iterator[tuple[Search, frozenset[str], None]]:
+    """The Milvus collection for the batch (a Milvus Lite database is taken for the batch and given back after);
+    its sources are known from the served FAISS version, which the same index job writes. Milvus updates its
+    collection in place: an answer from it names no version."""
+    served = faiss.current
+    with milvus.turn():
+        yield milvus.search, served.sources if served is not None else frozenset(), None
