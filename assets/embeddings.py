@@ -133,6 +133,10 @@ def embedding_report(result: PartitionVectors, delta: PoolMetrics, stats: CacheS
 def model_report(model_pool: ModelPool, loads: int) -> Report:
     """Where the model this step used was loaded and how long that took (a preloaded model too)."""
     facts = model_pool.describe()
+    if not facts["model_loaded"]:  # every text was in the embedding cache: nothing to encode, no load
+        return Report(metadata={"model_loads_this_step": 0},
+                      summary=[f"Model {facts['model']}: not loaded, every text was in the embedding cache"],
+                      details={"model": facts})
     where, seconds = facts["model_loaded_in"], rounded(facts["model_load_seconds"])
     line = (f"Model {facts['model']} ({facts['model_backend']}, {facts['model_device']}): loaded in "
             f"{seconds_text(seconds)} " + (f"by {where}; inherited, no load in this step" if facts["model_inherited"]

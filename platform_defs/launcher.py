@@ -15,7 +15,7 @@ import signal
 from dagster import DefaultRunLauncher
 from dagster._core.launcher import LaunchRunContext
 
-from quiver.warm import ask, code_digest
+from quiver.warm import NoAnswerError, submit_run
 
 HOST_PID_TAG = "quiver/warm_host_pid"
 CHILD_PID_TAG = "quiver/warm_child_pid"
@@ -24,14 +24,16 @@ CHILD_PID_TAG = "quiver/warm_child_pid"
 class WarmRunLauncher(DefaultRunLauncher):
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
-        answer = ask({"kind": "execute_run", "run_id": run.run_id, "env": dict(os.environ),
-                      "digest": code_digest()})
+        try:
+            answer = submit_run(run.run_id)
+        except NoAnswerError as exc:  # it may be running there: launching it again could run it twice
+            self._instance.report_engine_event(f"{exc}; not launched again", run, cls=self.__class__)
+            raise
         if answer and "accepted" in answer:
-            status = ask({"kind": "status"}) or {}
             self._instance.add_run_tags(run.run_id, {CHILD_PID_TAG: str(answer["accepted"]),
-                                                     HOST_PID_TAG: str(status.get("pid", ""))})
+                                                     HOST_PID_TAG: str(answer.get("host", ""))})
             self._instance.report_engine_event(
-                f"launched in a child (pid {answer['accepted']}) of the warm host (pid {status.get('pid')})", run,
+                f"launched in a child (pid {answer['accepted']}) of the warm host (pid {answer.get('host')})", run,
                 cls=self.__class__)
             return
         if answer and "refused" in answer:

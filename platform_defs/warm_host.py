@@ -52,16 +52,20 @@ class WarmHost:
 
     # -- start-up ---------------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Import everything a run needs and load the model, as the forkserver preload does."""
+        """Import everything a run needs and load the model, as the forkserver preload does. The code and the
+        environment are read before (loading a model sets variables of its own), and the code again after: a
+        file edited meanwhile may be what was imported, so the host refuses to start."""
         started = time.perf_counter()
+        self.digest, self.env = code_digest(), relevant_env(os.environ)
+        import platform_defs.cli  # noqa: F401 - what a child runs, imported once here
         import platform_defs.definitions  # noqa: F401 - the code versions are computed here, once
         import platform_defs.preload as preload  # the model and tokenizer, and the instance's storage modules
 
         if preload.PRELOADED is None:
             raise RuntimeError("the model could not be loaded (see the log above)")
+        if code_digest() != self.digest:
+            raise RuntimeError("the project's code changed while the warm host started: start it again")
         self.model = preload.PRELOADED.path
-        self.digest = code_digest()
-        self.env = relevant_env(os.environ)
         gc.freeze()
         _log.info("warm host ready in %.1fs: model %s", time.perf_counter() - started, self.model)
 
@@ -69,8 +73,11 @@ class WarmHost:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}")
         tmp.unlink(missing_ok=True)
-        listener.bind(str(tmp))
-        os.chmod(tmp, 0o600)  # this user's runs only
+        previous = os.umask(0o077)  # this user's runs only, from the moment the socket exists
+        try:
+            listener.bind(str(tmp))
+        finally:
+            os.umask(previous)
         listener.listen(16)
         os.replace(tmp, self.path)  # a host that starts replaces any stale socket, atomically
         self.inode = os.stat(self.path).st_ino
@@ -90,17 +97,25 @@ class WarmHost:
         selector.register(listener, selectors.EVENT_READ, None)
         last_busy = time.monotonic()
         try:
-            while self.running:
+            # After a stop (or a request from other code) no request is taken, but the runs in flight finish and
+            # their clients get their exit codes.
+            while self.running or self.children:
+                if not self.running and self._socket_is_ours():
+                    self.path.unlink(missing_ok=True)
+                    selector.unregister(listener)
                 for key, _ in selector.select(timeout=0.05):
-                    if key.data is None:
-                        conn, _addr = listener.accept()
-                        self.handle(conn, selector)
-                    else:  # a waiting client hung up (or sent something): interrupt its child
-                        self.client_gone(key.fileobj, key.data, selector)  # type: ignore[arg-type]
+                    try:
+                        if key.data is None:
+                            conn, _addr = listener.accept()
+                            self.handle(conn, selector)
+                        else:  # a waiting client hung up (or sent something): interrupt its child
+                            self.client_gone(key.fileobj, key.data, selector)  # type: ignore[arg-type]
+                    except OSError as exc:  # one client's broken connection never ends the host
+                        _log.warning("a request failed: %s", exc)
                 self.reap(selector)
                 if self.children:
                     last_busy = time.monotonic()
-                elif time.monotonic() - last_busy > self.idle_s:
+                elif self.running and time.monotonic() - last_busy > self.idle_s:
                     _log.info("warm host idle for %.0fs: exiting", self.idle_s)
                     break
         finally:
@@ -114,25 +129,19 @@ class WarmHost:
         try:
             request = reader.read()
         except (OSError, ValueError):
+            for fd in reader.fds:
+                os.close(fd)
             conn.close()
             return
         kind = (request or {}).get("kind")
-        if kind == "status":
-            send(conn, self.status())
-            conn.close()
-            return
-        if kind == "stop":
-            send(conn, {"stopping": os.getpid()})
-            conn.close()
-            self.running = False
-            return
-        refused = self.refusal(request or {})
-        if refused:
-            send(conn, {"refused": refused})
-            conn.close()
+        refused = None if kind in ("status", "stop") else self.refusal(request or {})
+        if kind in ("status", "stop") or refused:
             for fd in reader.fds:
                 os.close(fd)
-            if refused.startswith("the project"):  # stale code: never serve it again
+            with conn:
+                send(conn, self.status() if kind == "status" else {"stopping": os.getpid()} if kind == "stop"
+                     else {"refused": refused})
+            if kind == "stop" or (refused or "").startswith("the project"):  # stale code: never serve it again
                 self.running = False
             return
         assert request is not None
@@ -144,21 +153,27 @@ class WarmHost:
         self.served += 1
         what = " ".join(request.get("argv", [])) if kind == "command" else f"run {request.get('run_id')}"
         _log.info("child %s: %s", pid, what)
+        self.children[pid] = Child(pid, None, what)
+        try:
+            send(conn, {"accepted": pid, "host": os.getpid()})
+        except OSError:  # the client is gone already: its command is interrupted, as its hang-up would
+            os.kill(pid, signal.SIGINT)
+            conn.close()
+            return
         if kind == "command":
-            self.children[pid] = Child(pid, conn, what)
-            send(conn, {"accepted": pid})
+            self.children[pid].conn = conn
             conn.setblocking(False)
             selector.register(conn, selectors.EVENT_READ, pid)
         else:
-            self.children[pid] = Child(pid, None, what)
-            send(conn, {"accepted": pid})
             conn.close()
 
     def refusal(self, request: dict[str, Any]) -> str | None:
         if request.get("kind") not in ("command", "execute_run"):
             return f"unknown request {request.get('kind')!r}"
         if request.get("digest") != self.digest:
-            return "the project's code or its installed libraries changed since the warm host started"
+            if code_digest() != self.digest:  # the host's own code is stale
+                return "the project's code or its installed libraries changed since the warm host started"
+            return "the caller's code or libraries are not the warm host's (another checkout or environment?)"
         env = relevant_env(request.get("env", {}))
         if env != self.env:
             differ = sorted(k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k))
@@ -215,6 +230,11 @@ class WarmHost:
             if request["kind"] == "command":
                 for fd, target in zip(fds, (1, 2), strict=False):
                     os.dup2(fd, target)
+                    os.close(fd)
+                # the host's own stdout was its log file (block-buffered): the caller's terminal is not
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's own stdout
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+                sys.argv = ["quiver", *request["argv"]]
                 os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request.get("env", {}))

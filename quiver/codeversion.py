@@ -32,11 +32,13 @@ def module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-# sha256 of (module, root, source) -> the project modules it imports. Parsing every module takes most of the
+# sha256 of (module, source) -> every name the module imports (of any package, whether a file exists for it or
+# not: which of them are project modules is decided at each lookup). Parsing every module takes most of the
 # definitions' import time, on every `quiver` command and step process: the lists are kept in a file, keyed by
 # the source itself (an edited file is parsed again), and each module is parsed at most once per process.
 _IMPORTS: dict[str, list[str]] = {}
-_IMPORTS_FILE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quiver" / "code-imports.json"
+_CACHE_DIR = os.environ.get("QUIVER_CACHE_DIR") or Path.home() / ".cache" / "quiver"
+_IMPORTS_FILE = Path(_CACHE_DIR) / "code-imports.json"
 _IMPORTS_KEPT = 4000
 _loaded_file = False
 
@@ -45,15 +47,15 @@ def _imported_modules(module: str, file: Path, root: Path) -> set[str]:
     """Project modules a module imports, at top level or inside functions alike, and its parent packages."""
     global _loaded_file
     source = file.read_bytes()
-    key = hashlib.sha256(b"\x00".join([module.encode(), str(root).encode(), source])).hexdigest()
+    key = hashlib.sha256(b"\x00".join([b"v2", module.encode(), file.name.encode(), source])).hexdigest()
     if key not in _IMPORTS and not _loaded_file:
         _loaded_file = True
         with contextlib.suppress(OSError, ValueError):
             _IMPORTS.update(json.loads(_IMPORTS_FILE.read_text()))
     if key not in _IMPORTS:
-        _IMPORTS[key] = sorted(_parse_imports(module, file, source, root))
+        _IMPORTS[key] = sorted(_parse_imports(module, file, source))
         _save_imports()
-    return set(_IMPORTS[key])
+    return {m for m in _IMPORTS[key] if m.split(".")[0] in PROJECT_PACKAGES and module_file(m, root)}
 
 
 def _save_imports() -> None:
@@ -65,7 +67,7 @@ def _save_imports() -> None:
         os.replace(tmp, _IMPORTS_FILE)
 
 
-def _parse_imports(module: str, file: Path, source: bytes, root: Path) -> set[str]:
+def _parse_imports(module: str, file: Path, source: bytes) -> set[str]:
     tree = ast.parse(source, filename=str(file))
     package = module if file.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = {package} if package else set()
@@ -82,7 +84,7 @@ def _parse_imports(module: str, file: Path, source: bytes, root: Path) -> set[st
             found.add(target)
             # `from quiver import chunking` imports a submodule
             found.update(f"{target}.{alias.name}" for alias in node.names)
-    return {m for m in found if m.split(".")[0] in PROJECT_PACKAGES and module_file(m, root)}
+    return found
 
 
 def module_dependencies(modules: str | Sequence[str], root: Path = PROJECT_ROOT) -> list[str]:

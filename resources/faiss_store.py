@@ -28,6 +28,7 @@ from upath import UPath
 
 from quiver.atomic import atomic_replace, is_local, write_text_atomic
 from quiver.errors import QuiverError
+from quiver.retry import ServiceUnavailableError
 from quiver.settings import default_storage_root
 from quiver.vector_index import IndexSettings, build_index, search_index
 from quiver.vectors import HIT_FIELDS, KEY_COLUMNS, PAYLOAD_COLUMNS, SearchHit, empty_payload, key_pairs
@@ -130,6 +131,13 @@ class FaissDraft:
                 self._handle.close()
             except Exception:  # noqa: BLE001 - the directory is removed anyway
                 pass
+
+
+ANY_VERSION = object()  # make_current without a condition
+
+
+class ConcurrentIndexUpdateError(ServiceUnavailableError):
+    """Another run moved CURRENT while this one built on the old one: transient, the step's retry rebuilds."""
 
 
 class FaissStore(ConfigurableResource):
@@ -245,12 +253,19 @@ class FaissStore(ConfigurableResource):
         with FileLock(str(self.root.path) + "/.current.lock", thread_local=False):
             yield
 
-    def make_current(self, version: str) -> None:
-        """Point CURRENT at a complete version (atomically), then prune versions no reader can still need."""
+    def make_current(self, version: str, built_on: str | None | object = ANY_VERSION) -> None:
+        """Point CURRENT at a complete version (atomically), then prune versions no reader can still need. A
+        version built on another (`built_on`: the CURRENT it updated) becomes current only if CURRENT still is that
+        one: a concurrent run that moved CURRENT meanwhile wins, and this one is retried on the newer version
+        (last writer wins would drop the other run's changes)."""
         if not self.has_version(version):
             raise QuiverError(f"FAISS index version {version} is incomplete or missing")
         with self._pointer_turn():
             previous = self.current_version()
+            if built_on is not ANY_VERSION and previous != built_on:
+                raise ConcurrentIndexUpdateError(
+                    f"FAISS CURRENT moved from {built_on} to {previous} while version {version} was built on the "
+                    "former (a concurrent index run): this step is retried on the newer version")
             write_text_atomic(self.root / CURRENT_POINTER, version)
             if previous and previous != version:  # when it stopped being current: its readers' grace starts
                 write_text_atomic(self.root / "retired" / previous, f"{time.time():.3f}")

@@ -46,10 +46,6 @@ _LITE_TURN_ENDED: dict[str, float] = {}  # Milvus Lite URI -> when this process'
 EXACT_MARK = "quiver.exact."
 
 
-# Set by the executor while a run's steps run in its process, one after the other.
-IN_PROCESS_RUN_ENV = "QUIVER_IN_PROCESS_RUN"
-
-
 class MilvusStore(ConfigurableResource):
     """A Milvus collection through MilvusClient: Milvus Lite by default, a server by URI and token."""
 
@@ -103,9 +99,8 @@ class MilvusStore(ConfigurableResource):
         return None
 
     def release(self) -> None:
-        """Give the Milvus Lite database back to the other processes (a server needs nothing). In a run whose
-        steps all run in one process, the run's end does (opening it again costs each later step half a second)."""
-        if self.is_lite and not os.environ.get(IN_PROCESS_RUN_ENV):
+        """Give the Milvus Lite database back to the other processes (a server needs nothing)."""
+        if self.is_lite:
             close_milvus_clients(self.uri)
 
     @contextmanager

@@ -107,3 +107,28 @@ def test_an_edit_in_resources_changes_every_stage_that_runs_it(project_copy: Pat
           "class EmbeddingCache(ConfigurableResource):  # edited")
     again = _versions(project_copy)
     assert again["assets.embeddings"] != after["assets.embeddings"]
+
+
+def test_a_module_created_after_its_importer_was_cached_joins_the_code_version(tmp_path: Path) -> None:
+    """The imports a module's source names are cached by that source (in a file shared by processes); which of
+    them are project modules is decided at each lookup, so a module created later (a function-level import of a
+    file that did not exist yet, a branch switch) is part of the version at once, and its edits count."""
+    import importlib
+    import json
+
+    import quiver.codeversion as codeversion
+
+    root = tmp_path / "project"
+    (root / "quiver").mkdir(parents=True)
+    (root / "quiver" / "__init__.py").write_text("")
+    (root / "quiver" / "stage.py").write_text("def run():\n    from quiver import later\n    return later.X\n")
+    before = codeversion.code_version("quiver.stage", root)
+    assert codeversion.module_dependencies("quiver.stage", root) == ["quiver", "quiver.stage"]
+    cached = json.loads(codeversion._IMPORTS_FILE.read_text())  # what other processes will read
+    assert any("quiver.later" in names for names in cached.values())
+    importlib.reload(codeversion)  # a new process: the lists come from the file
+    (root / "quiver" / "later.py").write_text("X = 1\n")
+    created = codeversion.code_version("quiver.stage", root)
+    assert codeversion.module_dependencies("quiver.stage", root) == ["quiver", "quiver.later", "quiver.stage"]
+    (root / "quiver" / "later.py").write_text("X = 2\n")
+    assert len({before, created, codeversion.code_version("quiver.stage", root)}) == 3

@@ -48,6 +48,27 @@ def test_index_types_find_neighbours_by_id(kind: str) -> None:
     assert (found[:, 0] == ids[:50]).all()  # each vector finds itself first, under its own id
 
 
+def test_a_version_built_on_a_replaced_current_never_becomes_current(tmp_path: Path) -> None:
+    """Two index runs at once, each updating the version it found: the second to publish is refused (and its step
+    retried on the newer version), so neither run's changes are dropped by the other."""
+    from resources.faiss_store import ConcurrentIndexUpdateError
+
+    store = FaissStore(directory=str(tmp_path / "faiss"))
+    vectors, ids = _data(100)
+    base = store.write_version("k0", vectors, _payload(ids), {"content_hash": "h0"})["version"]
+    store.make_current(base, built_on=None)  # the first version, built on nothing
+    first = store.write_version("k1", vectors[:50], _payload(ids[:50]), {"content_hash": "h1"})["version"]
+    second = store.write_version("k2", vectors[:60], _payload(ids[:60]), {"content_hash": "h2"})["version"]
+    store.make_current(first, built_on=base)
+    with pytest.raises(ConcurrentIndexUpdateError, match=f"moved from {base} to {first}"):
+        store.make_current(second, built_on=base)
+    assert store.current_version() == first and store.open_current().index.ntotal == 50
+    with pytest.raises(ConcurrentIndexUpdateError):
+        store.make_current(second, built_on=None)  # a first build racing another first build
+    store.make_current(second, built_on=first)  # rebuilt on the newer one: it goes through
+    assert store.current_version() == second
+
+
 def test_versions_are_atomic_and_current_moves_only_when_complete(tmp_path: Path) -> None:
     store = FaissStore(directory=str(tmp_path / "faiss"))
     vectors, ids = _data(100)
