@@ -1,4 +1,4 @@
-"""`quiver warm start|stop|status`: the warm host that makes a small `quiver run` take a second or two."""
+"""`quiver warm start|stop|status`: the warm host, which spares a small `quiver run` its imports and model load."""
 
 import argparse
 import json
@@ -65,7 +65,8 @@ def start(idle_s: float) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from platform_defs.warm_host import DEFAULT_IDLE_S
 
-    warm = sub.add_parser("warm", help="a warm host: `quiver run` and daemon-launched runs start in a second")
+    warm = sub.add_parser("warm", help="a warm host: `quiver run` and daemon-launched runs skip the imports and "
+                                       "the model load")
     warm.add_argument("action", choices=["start", "stop", "status", "serve"],
                       help="start (in the background), stop, status, or serve (the host, in the foreground)")
     warm.add_argument("--idle", type=float, default=DEFAULT_IDLE_S,

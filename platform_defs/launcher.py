@@ -1,5 +1,5 @@
 """A run launcher for the daemon and the UI: a run goes to the instance's warm host when one is up (a child
-forked with everything imported and the model loaded: a small run is done in a second or two), else to
+forked with everything imported and the model loaded: a small run takes seconds, not tens of them), else to
 Dagster's default launcher (a new process through the code server).
 
 Configured in dagster.yaml:
