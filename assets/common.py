@@ -211,7 +211,7 @@ def run_metadata(started: float, rows: int, extra: Mapping[str, Any] | None = No
     return {
         "duration_seconds": MetadataValue.float(rounded(seconds)),
         "rows_per_second": MetadataValue.float(rounded(rows / seconds) if seconds > 0 else 0.0),
-        "peak_rss_mb": MetadataValue.float(round(peak_rss_mb(), 1)),
+        "peak_rss_mb": MetadataValue.float(rounded(peak_rss_mb())),
         **(extra or {}),
     }
 
@@ -245,7 +245,7 @@ def partitioned_output(started: float, results: Mapping[str, PartitionResult], n
     its logical version (code version + inputs) and each partition's content hash is in the metadata."""
     step = step or Report()
     if not all(r.cache_hit for r in results.values()):
-        step.metadata.setdefault("peak_rss_mb", MetadataValue.float(round(peak_rss_mb(), 1)))
+        step.metadata.setdefault("peak_rss_mb", MetadataValue.float(rounded(peak_rss_mb())))
     metadata = partitions_metadata(results, time.perf_counter() - started, noun, step)
     if len(results) == 1:
         [result] = results.values()

@@ -162,6 +162,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         from quiver.serving.client import search_server
 
         results = search_server(os.environ["QUIVER_SERVER_URL"], args.query, args.k, args.store)
+        if len(results) < args.k:
+            notes.append(f"{len(results)} results, fewer than k={args.k}: the server's index holds no more")
     else:
         results = search(args.query, args.k, args.store, notes)
     for note in notes:  # on stderr: --json output stays one JSON document

@@ -40,6 +40,13 @@ def settings_from(args: argparse.Namespace) -> "ServeSettings":
     for name in ("max_batch", "max_k", "max_query_chars", "max_queries"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.poll_s > 0:
+        raise ConfigError("--poll-s must be more than 0 (how often FAISS CURRENT is read)")
+    for name in ("milvus_wait_s", "batch_window_ms"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: a port is between 1 and 65535")
     return ServeSettings(
         host=args.host, port=args.port, poll_s=args.poll_s, milvus_wait_s=args.milvus_wait_s, token=token,
         batching=BatchSettings(enabled=not args.no_batching, max_batch=args.max_batch,
@@ -98,5 +105,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      "Lite database another process holds before a 503 (default 2 s)")
     srv.add_argument("--no-auth", action="store_true", help=f"serve a non-loopback address without {TOKEN_ENV}")
     srv.add_argument("--access-log", action="store_true", help="log every request")
-    srv.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    srv.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="the server's log level (default INFO)")
     srv.set_defaults(func=serve)

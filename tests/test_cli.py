@@ -153,8 +153,9 @@ def _quiver(capsys: Any, *argv: str) -> tuple[int, str, str]:
 
 def test_search_refuses_an_empty_query_and_k_below_one_before_loading_anything(quiver_home: Path,
                                                                               capsys: Any) -> None:
-    from resources.model_state import _STATES
+    from resources.model_state import _STATES, LOADS_BY_PID
 
+    loaded_before, loads_before = set(_STATES), dict(LOADS_BY_PID)  # what earlier tests of this process loaded
     for k in ("0", "-1"):
         assert _quiver(capsys, "search", "parse json", "-k", k) == (
             2, "", f"quiver: k must be at least 1 (got {k}): it is how many documents to return\n")
@@ -162,7 +163,8 @@ def test_search_refuses_an_empty_query_and_k_below_one_before_loading_anything(q
         assert _quiver(capsys, "search", query) == (
             2, "", 'quiver: the query is empty: give the text to search for, e.g. quiver search "how do I parse '
                    'json"\n')
-    assert _STATES == {}  # refused before the model (or any index) was loaded
+    # refused before the model (or any index) was loaded
+    assert set(_STATES) == loaded_before and dict(LOADS_BY_PID) == loads_before
 
 
 def test_search_caps_k_at_what_the_index_holds_and_says_so(tmp_path: Path, instance: Any, resources: dict[str, Any],

@@ -48,17 +48,19 @@ def test_materializations_are_stored_in_postgres(production_home: Path, postgres
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         runs = instance.get_runs()
-        assert len(runs) == 2 and all(r.is_success for r in runs)
+        # one run: the source's stages and both indexes (refresh_job)
+        assert [r.job_name for r in runs] == ["refresh_job"] and runs[0].is_success
         event = instance.get_latest_materialization_event(AssetKey("embeddings"))
         assert event.asset_materialization.partition == "papers"
-        ingest_run = next(r for r in runs if r.job_name == "ingest_job")
+        refresh_run = runs[0]
     # The events are rows of the Postgres database itself.
-    events = _events_in_postgres(postgres_url, ingest_run.run_id)
-    assert events["ASSET_MATERIALIZATION"] == 3  # documents, chunks, embeddings
-    assert events["STEP_SUCCESS"] == 3 and events["PIPELINE_SUCCESS"] == 1  # stored under its legacy name
+    events = _events_in_postgres(postgres_url, refresh_run.run_id)
+    # documents, chunks, embeddings, faiss_index, milvus_collection; and the two checks' steps
+    assert events["ASSET_MATERIALIZATION"] == 5 and events["ASSET_CHECK_EVALUATION"] == 2
+    assert events["STEP_SUCCESS"] == 7 and events["PIPELINE_SUCCESS"] == 1  # stored under its legacy name
     with psycopg2.connect(libpq(postgres_url)) as conn, conn.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM runs")
-        assert cursor.fetchone()[0] == 2
+        assert cursor.fetchone()[0] == 1
 
 
 def _start_daemon(env: dict[str, str], module: str) -> subprocess.Popen:

@@ -138,6 +138,8 @@ def test_quiver_search_talks_to_the_server_without_torch(served: Served) -> None
 LONG = "x" * 201
 BAD_INPUTS = [
     (b'{"query": ""}', 422, "query is empty"),
+    (b'{"query": "\\ud800"}', 422, "query is not valid text: surrogates not allowed at position 0"),
+    (b"[" * 100_000, 400, "the body is not a search request: it nests deeper than a JSON parser follows"),
     (b'{"query": "   "}', 422, "query is empty"),
     (b'{"queries": ["fine", ""]}', 422, "queries[1] is empty"),
     (b'{"queries": []}', 422, "queries must be a non-empty list of strings"),

@@ -26,13 +26,16 @@ def search_server(url: str, query: str, k: int, store: str, timeout_s: float = 3
     headers = {"Content-Type": "application/json"}
     if os.environ.get(TOKEN_ENV):
         headers["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
-    request = urllib.request.Request(url.rstrip("/") + "/search", data=body, headers=headers, method="POST")
     try:
+        request = urllib.request.Request(url.rstrip("/") + "/search", data=body, headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             answer = json.loads(response.read())
+        return list(answer["hits"])
     except urllib.error.HTTPError as exc:
         raise QuiverError(f"the Quiver server at {url} answered {exc.code}: {_error_message(exc)}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         raise QuiverError(f"cannot reach the Quiver server at {url} ({URL_ENV}): {reason}") from exc
-    return list(answer["hits"])
+    except (ValueError, KeyError, TypeError) as exc:  # not a URL, or not a Quiver server's answer
+        raise QuiverError(f"{URL_ENV}={url!r}: not a Quiver server's address, or not its answer "
+                          f"({type(exc).__name__}: {exc})") from exc

@@ -37,14 +37,23 @@ class SearchEngine:
     def run_batch(self, requests: Sequence[SearchRequest]) -> list[dict[str, Any] | BaseException]:
         """Each request's answer, or the ServeError that says why it has none, in order."""
         texts = list(dict.fromkeys(q for r in requests for q in r.queries))
+        answers: list[dict[str, Any] | BaseException] = [ServeError(500, "not answered")] * len(requests)
         try:
             vectors = self.encode(texts)  # one forward pass for the whole batch
         except QuiverError as exc:  # the model pool gave up on its instances: not the clients' fault
             return [ServeError(503, f"the model failed: {exc}")] * len(requests)
+        except Exception:  # noqa: BLE001 - one request's text: each is encoded alone, and only its own fails
+            vectors, failed = self._encode_each(texts)
+            if len(failed) == len(texts):  # nothing encodes: the model's fault, not the clients'
+                return [ServeError(503, f"the model failed: {next(iter(failed.values()))}")] * len(requests)
+            for i, request in enumerate(requests):
+                bad = [q for q in request.queries if q in failed]
+                if bad:
+                    answers[i] = ServeError(422, f"the query could not be encoded: {failed[bad[0]]}")
         row = {text: i for i, text in enumerate(texts)}
-        answers: list[dict[str, Any] | BaseException] = [ServeError(500, "not answered")] * len(requests)
+        answerable = [i for i, a in enumerate(answers) if not (isinstance(a, ServeError) and a.status == 422)]
         for store in ("faiss", "milvus"):
-            asked = [i for i, r in enumerate(requests) if r.store == store]
+            asked = [i for i in answerable if requests[i].store == store]
             if not asked:
                 continue
             try:
@@ -57,6 +66,18 @@ class SearchEngine:
                 for i in asked:
                     answers[i] = exc
         return answers
+
+    def _encode_each(self, texts: list[str]) -> tuple[np.ndarray, dict[str, str]]:
+        """Each text alone (after a batch failed): the vectors (zeros for a text that failed) and why each failed."""
+        rows, failed = [], {}
+        for text in texts:
+            try:
+                rows.append(self.encode([text])[0])
+            except Exception as exc:  # noqa: BLE001 - said to that request's client, as a 422
+                failed[text] = f"{type(exc).__name__}: {exc}"
+                rows.append(None)
+        width = next((len(r) for r in rows if r is not None), 1)
+        return np.stack([r if r is not None else np.zeros(width, np.float32) for r in rows]), failed
 
     def _reading(self, store: str) -> AbstractContextManager[tuple[Search, frozenset[str], str | None]]:
         return _faiss_reading(self.faiss) if store == "faiss" else _milvus_reading(self.milvus, self.faiss)

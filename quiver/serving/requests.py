@@ -56,6 +56,10 @@ def _check_query(value: Any, what: str, limits: Limits) -> str:
         raise _invalid(f"{what} is empty")
     if len(value) > limits.max_query_chars:
         raise _invalid(f"{what} is {len(value)} characters long; the limit is {limits.max_query_chars}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON admits a lone surrogate (\ud800), which no text encoder takes
+        raise _invalid(f"{what} is not valid text: {exc.reason} at position {exc.start}") from exc
     return value
 
 
@@ -75,6 +79,8 @@ def parse_search(body: bytes, limits: Limits) -> SearchRequest:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServeError(400, f"the body is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ServeError(400, "the body is not a search request: it nests deeper than a JSON parser follows") from exc
     if not isinstance(data, dict):
         raise ServeError(400, 'the body must be a JSON object, such as {"query": "how do I parse json", "k": 5}')
     unknown = sorted(set(data) - set(FIELDS))
