@@ -61,3 +61,15 @@ def wait_for_runs(instance: Any, count: int, started: float, timeout_s: float = 
         if time.perf_counter() - started > timeout_s:
             raise RuntimeError(f"the backfill did not finish in {timeout_s / 60:.0f} minutes")
         time.sleep(0.5)
+
+
+def write_stdlib_subset(path: Path, limit: int) -> Path:
+    """The first `limit` standard-library documents as a JSONL source (a smaller default corpus)."""
+    from quiver.sources import read_documents
+
+    with path.open("w") as fh:
+        for i, d in enumerate(read_documents("stdlib", "stdlib")):
+            if i == limit:
+                break
+            fh.write(json.dumps({"id": d.doc_id, "title": d.title, "text": d.text}) + "\n")
+    return path

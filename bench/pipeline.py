@@ -13,7 +13,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fresh_home, median, print_table, write_results  # noqa: E402
+from bench.common import fresh_home, median, print_table, write_results, write_stdlib_subset  # noqa: E402
 
 
 def main() -> None:
@@ -29,20 +29,12 @@ def main() -> None:
     from platform_defs.definitions import ALL_ASSETS
     from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
     from platform_defs.resources import build_resources
-    from quiver.sources import read_documents
     from resources.embedding_cache import EmbeddingCache
 
     res = build_resources(resolve_env=True)
     source, kind = "stdlib", "stdlib"
     if args.limit_docs:
-        import json
-
-        subset = home / "stdlib_subset.jsonl"
-        with subset.open("w") as fh:
-            for i, d in enumerate(read_documents("stdlib", "stdlib")):
-                if i == args.limit_docs:
-                    break
-                fh.write(json.dumps({"id": d.doc_id, "title": d.title, "text": d.text}) + "\n")
+        subset = write_stdlib_subset(home / "stdlib_subset.jsonl", args.limit_docs)
         source, kind = "stdlib_subset", "jsonl"
         res["sources"].add(source, str(subset), kind)
     instance = DagsterInstance.get()

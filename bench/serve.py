@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PROJECT, fresh_home, median, print_table, write_results  # noqa: E402
+from bench.common import PROJECT, fresh_home, median, print_table, write_results, write_stdlib_subset  # noqa: E402
 from bench.serve_process import QUIVER, ServerProcess  # noqa: E402
 
 QUERIES = ["how do I parse json", "read a csv file", "sort a list of dictionaries by a key",
@@ -60,15 +60,7 @@ def build_home(args: argparse.Namespace) -> Path:
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     corpus = ["stdlib", "stdlib", "--kind", "stdlib"]
     if args.limit_docs:
-        from quiver.sources import read_documents
-
-        subset = home / "stdlib_subset.jsonl"
-        with subset.open("w") as fh:
-            for i, d in enumerate(read_documents("stdlib", "stdlib")):
-                if i == args.limit_docs:
-                    break
-                fh.write(json.dumps({"id": d.doc_id, "title": d.title, "text": d.text}) + "\n")
-        corpus = ["stdlib_subset", str(subset)]
+        corpus = ["stdlib_subset", str(write_stdlib_subset(home / "stdlib_subset.jsonl", args.limit_docs))]
     write_marker(home / "swaps.jsonl", 0)
     for source in (corpus, ["swaps", str(home / "swaps.jsonl")]):
         subprocess.run([str(QUIVER), "source", "add", *source], env=env, check=True, cwd=PROJECT)

@@ -8,10 +8,18 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import PROJECT
 
 QUERY = "{ assetNodes { assetKey { path } groupName opName } }"
+
+
+def _chromium(playwright: Any) -> Any:
+    """Headless Chromium (Debian's), without the network chatter a test does not need."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
 
 
 def _free_port() -> int:
@@ -151,9 +159,7 @@ def test_browser_sees_every_asset_and_materializes_a_source(quiver_home: Path, t
     base = f"http://127.0.0.1:{port}"
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = _chromium(playwright)
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             deadline = time.monotonic() + 180
             while True:
@@ -255,9 +261,7 @@ def test_browser_shows_the_summary_of_a_fresh_materialization_and_of_a_cache_hit
     base = f"http://127.0.0.1:{port}"
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = _chromium(playwright)
             page = browser.new_page(viewport={"width": 1600, "height": 1400})
 
             def open_event(run_id: str) -> dict[str, str]:
