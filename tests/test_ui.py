@@ -22,6 +22,22 @@ def _chromium(playwright: Any) -> Any:
         "--disable-component-update", "--disable-sync"])
 
 
+def _open_when_served(page: Any, url: str, server: subprocess.Popen, name: str, shows: str | None = None,
+                      within_s: float = 180) -> None:
+    """Opens url (and waits for a text on it) once the starting webserver serves it, retrying until then."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            page.goto(url, timeout=10_000)
+            if shows:
+                page.get_by_text(shows).wait_for(timeout=30_000)
+            return
+        except Exception:  # noqa: BLE001 - the webserver is still starting
+            assert server.poll() is None, f"{name} exited"
+            assert time.monotonic() < deadline, f"{name} did not serve {url} within {within_s:.0f} s"
+            time.sleep(2)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -161,15 +177,7 @@ def test_browser_sees_every_asset_and_materializes_a_source(quiver_home: Path, t
         with sync_playwright() as playwright:
             browser = _chromium(playwright)
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    page.goto(f"{base}/asset-groups", timeout=10_000)
-                    break
-                except Exception:  # noqa: BLE001 - the webserver is still starting
-                    assert dev.poll() is None, "dagster dev exited"
-                    assert time.monotonic() < deadline, "dagster dev did not serve the UI within 180 s"
-                    time.sleep(2)
+            _open_when_served(page, f"{base}/asset-groups", dev, "dagster dev")
             skip = page.get_by_role("button", name="Skip")  # the community sign-up dialog of a fresh instance
             skip.click(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "ui-lineage.png"))
@@ -265,16 +273,8 @@ def test_browser_shows_the_summary_of_a_fresh_materialization_and_of_a_cache_hit
             page = browser.new_page(viewport={"width": 1600, "height": 1400})
 
             def open_event(run_id: str) -> dict[str, str]:
-                deadline = time.monotonic() + 180
-                while True:
-                    try:
-                        page.goto(f"{base}/assets/embeddings?view=events&time={when[run_id]}", timeout=10_000)
-                        page.get_by_text(f"materialized in run {run_id[:8]}").wait_for(timeout=30_000)
-                        break
-                    except Exception:  # noqa: BLE001 - the webserver is still starting
-                        assert server.poll() is None, "dagster-webserver exited"
-                        assert time.monotonic() < deadline, "the webserver did not show the event within 180 s"
-                        time.sleep(2)
+                _open_when_served(page, f"{base}/assets/embeddings?view=events&time={when[run_id]}", server,
+                                  "dagster-webserver", shows=f"materialized in run {run_id[:8]}")
                 skip = page.get_by_role("button", name="Skip")  # the community sign-up dialog of a fresh instance
                 if skip.count():
                     skip.click()
