@@ -8,6 +8,7 @@ CURRENT (quiver/serving/watcher.py); Milvus is read through the Milvus store res
 import asyncio
 import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -102,6 +103,7 @@ class Service:
             self.engine.run_batch, settings.batching, size=lambda r: len(r.queries), on_batch=self._on_batch)
         self.model_ready = False
         self.model_problem: str | None = None
+        self.threads: dict[str, Any] = {}  # how the model computes, once loaded (/readyz)
         self._registered: tuple[float, set[str]] = (0.0, set())
 
     @property
@@ -123,8 +125,12 @@ class Service:
             self.model_problem = f"the model could not be loaded: {type(exc).__name__}: {exc}"
             log.error(self.model_problem)
             return
+        from resources.model_state import pool_facts
+
+        self.threads = {"model_threads": pool_facts(self.pool, self.pool.loaded_state())["model_threads"],
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
         self.model_ready = True
-        log.info(f"model {self.model} loaded in {time.perf_counter() - started:.1f}s")
+        log.info(f"model {self.model} loaded in {time.perf_counter() - started:.1f}s ({self.threads})")
         self._update_ready()
 
     def _check_model(self, version: str, opened: Any) -> None:
@@ -267,7 +273,7 @@ def create_app(service: Service) -> FastAPI:
         served = service.watcher.current
         facts: dict[str, Any] = {"model": service.model, "model_fingerprint": service.fingerprint,
                                  "index_version": served.name if served else None,
-                                 "vectors": served.vectors if served else 0}
+                                 "vectors": served.vectors if served else 0, **service.threads}
         if service.watcher.problem and not reasons:
             facts["newest_version_problem"] = service.watcher.problem
         if reasons:

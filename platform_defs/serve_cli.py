@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from platform_defs.serve import ServeSettings
 
 DEFAULT_PORT = 8765
+# The model's OpenMP threads (torch's and FAISS's) sleep at a barrier instead of spinning: a server shares its
+# cores with the event loop that parses requests and writes answers (and, on a small machine, with its clients),
+# and a spinning thread takes a core from them between forward passes. With threads spinning, 32 clients on 2
+# cores got 18 QPS; sleeping, 88 (bench/serve.py's load, the machine busy). The user's own setting wins.
+OMP_WAIT_ENV = "OMP_WAIT_POLICY"
+SERVE_OMP_WAIT_POLICY = "PASSIVE"
 
 
 def is_loopback(host: str) -> bool:
@@ -57,6 +63,7 @@ def settings_from(args: argparse.Namespace) -> "ServeSettings":
 
 def serve(args: argparse.Namespace) -> int:
     """Check, then serve until interrupted."""
+    os.environ.setdefault(OMP_WAIT_ENV, SERVE_OMP_WAIT_POLICY)  # read once, when torch and FAISS load: first
     import uvicorn
 
     from platform_defs.resources import build_resources
