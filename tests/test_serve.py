@@ -365,3 +365,10 @@ def test_a_new_version_is_picked_up_without_a_failed_request(served: Served) -> 
     assert DOCS[29]["id"] not in {h["doc_id"] for h in gone["hits"]}
     assert served.server.get("/readyz")[1]["index_version"] == new
     assert _value(served.metrics(), "quiver_index_swaps_total") == swaps_before + 1
+
+
+def test_the_model_threads_sleep_between_forward_passes(served: Served) -> None:
+    """Spinning OpenMP threads take the cores from the event loop and the clients between forward passes."""
+    ready = served.server.get("/readyz")[1]
+    assert ready["omp_wait_policy"] == "PASSIVE"
+    assert isinstance(ready["model_threads"], int) and ready["model_threads"] >= 1
