@@ -16,10 +16,11 @@ if TYPE_CHECKING:
     from platform_defs.serve import ServeSettings
 
 DEFAULT_PORT = 8765
-# The model's OpenMP threads (torch's and FAISS's) sleep at a barrier instead of spinning: a server shares its
-# cores with the event loop that parses requests and writes answers (and, on a small machine, with its clients),
-# and a spinning thread takes a core from them between forward passes. With threads spinning, 32 clients on 2
-# cores got 18 QPS; sleeping, 88 (bench/serve.py's load, the machine busy). The user's own setting wins.
+# The model's OpenMP threads (torch's and FAISS's) sleep at a barrier instead of spinning first (libgomp's
+# default): a server shares its cores with the event loop that parses requests and writes answers (and, on a
+# small machine, with its clients), and a spinning thread takes a core from them between forward passes. On 2
+# busy cores, 32 clients got 24 QPS with the default and 118 with sleeping threads (interleaved runs of
+# bench/serve.py's load). The user's own setting wins.
 OMP_WAIT_ENV = "OMP_WAIT_POLICY"
 SERVE_OMP_WAIT_POLICY = "PASSIVE"
 
