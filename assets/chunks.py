@@ -198,7 +198,8 @@ def chunks(
     sources: SourceRegistry,
 ) -> Output[Any]:
     started = time.perf_counter()
-    upstream = refs_by_partition(documents, partitions_in_run(context))
+    partitions = partitions_in_run(context)  # once: each call looks the partitions up in the instance
+    upstream = refs_by_partition(documents, partitions)
     results = {p: chunk_partition(context, p, upstream[p], config, store, model_pool, sources)
-               for p in partitions_in_run(context)}
+               for p in partitions}
     return partitioned_output(started, results, noun="chunks")
