@@ -139,3 +139,18 @@ def test_other_chunker_code_or_settings_chunk_every_document_again(quiver_home, 
                        *docs[2:]])
     again, _ = _chunk_run(instance, resources, "s", {"ops": {"chunks": {"config": {"overlap_tokens": 16}}}})
     assert (again["documents_chunked"], again["documents_unchanged"]) == (1, 4)
+
+
+def test_a_previous_output_too_large_to_hold_is_not_read(quiver_home, instance, resources, tmp_path,  # noqa: ANN001
+                                                         monkeypatch) -> None:  # noqa: ANN001
+    import assets.chunks
+    from tests.helpers import add_source, scifact_docs, write_jsonl
+
+    docs = scifact_docs(4)
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    add_source(instance, resources, "s", path)
+    _chunk_run(instance, resources, "s")
+    write_jsonl(path, [{**docs[0], "text": docs[0]["text"] + " Revised."}, *docs[1:]])
+    monkeypatch.setattr(assets.chunks, "REUSE_MAX_FILE_BYTES", 1)  # the memory bound: nothing held, all chunked
+    bounded, _ = _chunk_run(instance, resources, "s")
+    assert (bounded["documents_chunked"], bounded["documents_unchanged"]) == (4, 0)
