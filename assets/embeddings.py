@@ -158,9 +158,10 @@ def embeddings(
 ) -> Output[Any]:
     started = time.perf_counter()
     loads_before = loads_in_this_process()
-    upstream = refs_by_partition(chunks, partitions_in_run(context))
+    partitions = partitions_in_run(context)  # once: each call looks the partitions up in the instance
+    upstream = refs_by_partition(chunks, partitions)
     results = {p: embed_partition(context, p, upstream[p], config, store, model_pool, embedding_cache, milvus)
-               for p in partitions_in_run(context)}
+               for p in partitions}
     # A step that only reused outputs neither loaded the model nor says anything about it.
     step = None if all(r.cache_hit for r in results.values()) else model_report(
         model_pool, loads_in_this_process() - loads_before)  # 0 when the weights were inherited (a preload)

@@ -40,6 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from platform_defs.definitions import get_index_job, get_ingest_job, get_refresh_job
     from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
     from platform_defs.runs import config_for_job, failure_message, load_run_config
+    from platform_defs.sqlite_keepalive import sqlite_files_held
 
     res = _resources()
     registry = res["sources"]
@@ -57,8 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     file_config = load_run_config(args.config) if args.config else {}
 
     def run(factory: Any, assets: tuple[str, ...], tags: dict[str, str]) -> Any:
-        return execute_job(reconstructable(factory), instance=instance, tags=tags,
-                           run_config=config_for_job(file_config, assets, run_config))
+        with sqlite_files_held(instance):  # the run's creation and its last events, as its executor does the rest
+            return execute_job(reconstructable(factory), instance=instance, tags=tags,
+                               run_config=config_for_job(file_config, assets, run_config))
 
     print(f"quiver run materializes {', '.join(INGEST_ASSETS)} of {len(names)} source(s) ({', '.join(names)}), then "
           f"{' and '.join(INDEX_ASSETS)} with their checks; not retrieval_eval (`quiver eval DIR` evaluates a BEIR "

@@ -32,6 +32,7 @@ from dagster import (
 
 from platform_defs.execution_mode import DEFAULT_IN_PROCESS_MAX_CHUNKS, ExecutionMode, choose_mode
 from platform_defs.limits import apply_pools, current_limits, manage_pools
+from platform_defs.sqlite_keepalive import sqlite_files_held
 from quiver.errors import QuiverError
 from quiver.memory import MEMORY_TAG, NEED_TAG_PREFIX, Limits, preflight
 from quiver.oom import explain_kill, oom_counter
@@ -110,6 +111,11 @@ class MemoryBoundExecutor(Executor):
         return self._base.retries
 
     def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[DagsterEvent]:
+        # Every event of the run is stored without a checkpoint of the SQLite log each time (sqlite_keepalive).
+        with sqlite_files_held(plan_context.instance, plan_context.run_id):
+            yield from self._execute(plan_context, execution_plan)
+
+    def _execute(self, plan_context: Any, execution_plan: Any) -> Iterator[DagsterEvent]:
         limits = current_limits(log=plan_context.log)
         memory_class_of = {key: execution_plan.get_step_by_key(key).tags.get(MEMORY_TAG)
                            for key in execution_plan.step_keys_to_execute}

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from assets.chunks import DOCS_PER_BATCH
+from assets.chunks import DOCS_PER_BATCH, REUSE_MAX_FILE_BYTES, REUSE_MEMORY_FACTOR
 from assets.embeddings import EmbeddingsConfig
 from platform_defs.footprint import footprint
 from platform_defs.resources import build_resources
@@ -57,7 +57,7 @@ def class_needs(resources: dict[str, Any], measure: bool = True, log: Any = None
                             pipeline.queue_maxsize, pipeline.texts_per_batch, dimension,
                             vectors if milvus.is_lite else None),
         "io": index_need(measured.base, vectors, dimension, index_type, resources["faiss_store"].hnsw_m),
-        "light": light_need(measured.base, DOCS_PER_BATCH),
+        "light": light_need(measured.base, DOCS_PER_BATCH, reused_bytes=REUSE_MAX_FILE_BYTES * REUSE_MEMORY_FACTOR),
     }
     return {c: Need(n.bytes, f"{n.formula} ({measured.source})") for c, n in needs.items()}
 

@@ -39,6 +39,21 @@ def _warm_instance_modules() -> None:
 
 _warm_instance_modules()
 
+
+def _import_milvus_client() -> None:
+    """Import the Milvus client and the embedded Milvus Lite server once, so the steps that write or check Milvus
+    share them instead of importing them again in each step or run (about 400 modules; importing starts no thread
+    and opens nothing: the database is opened by the step that uses it)."""
+    try:
+        import milvus_lite.adapter.grpc.server  # noqa: F401 - what a step that opens a Milvus Lite database starts
+        import milvus_lite.server_manager  # noqa: F401
+        import pymilvus  # noqa: F401
+    except ImportError:  # only an optimization: a step imports what it needs
+        _log.warning("could not pre-import the Milvus client", exc_info=True)
+
+
+_import_milvus_client()
+
 # Move everything allocated so far out of the collector's reach: a collection in a forked step would
 # otherwise write to every object's header and copy the forkserver's pages into each step.
 gc.freeze()

@@ -57,8 +57,10 @@ def index_need(base: int, vectors: int, dimension: int, index_type: str, hnsw_m:
     return Need(base + vectors * per_vector, formula)
 
 
-def light_need(base: int, docs_per_batch: int, max_document_bytes: int = 64 * 1024) -> Need:
-    """A chunking or evaluation-check step: the base process and a batch of documents with their chunks."""
+def light_need(base: int, docs_per_batch: int, max_document_bytes: int = 64 * 1024, reused_bytes: int = 0) -> Need:
+    """A chunking or evaluation-check step: the base process, a batch of documents with their chunks, and the
+    previous chunks (and documents) held to take unchanged documents' rows from."""
     batch = docs_per_batch * max_document_bytes * 4  # the text, its tokens and offsets, the chunks made of it
-    return Need(base + batch, f"step process {_mib(base)} + {docs_per_batch} documents x "
-                              f"{max_document_bytes // 1024} KiB x 4 = {_mib(batch)}")
+    return Need(base + batch + reused_bytes,
+                f"step process {_mib(base)} + {docs_per_batch} documents x {max_document_bytes // 1024} KiB x 4 = "
+                f"{_mib(batch)}" + (f" + previous chunks held {_mib(reused_bytes)}" if reused_bytes else ""))

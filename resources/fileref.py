@@ -285,6 +285,22 @@ class FileStore(ConfigurableResource):
         cache hit can name the materialization it reuses; `cached_fileref` finds it again."""
         self.cache_put(asset, partition, key, {"fileref": self._to_stored(ref), "made": made or {}})
 
+    def remember_refs(self, asset: Iterable[str], partition: str | None, name: str, refs: dict[str, FileRef],
+                      facts: dict[str, Any]) -> None:
+        """Record named FileRefs with facts about them under `name` (not a cache key: `remembered_refs` reads it)."""
+        self.cache_put(asset, partition, name, {"refs": {k: self._to_stored(r) for k, r in refs.items()},
+                                                "facts": facts})
+
+    def remembered_refs(self, asset: Iterable[str], partition: str | None,
+                        name: str) -> tuple[dict[str, FileRef], dict[str, Any]] | None:
+        """What `remember_refs` recorded under `name`, if every file is still there, unchanged; else None."""
+        payload = self.cache_get(asset, partition, name)
+        try:
+            refs = {k: self.check(self._from_stored(v)) for k, v in payload["refs"].items()} if payload else None
+        except (FileRefError, TypeError, KeyError, AttributeError):
+            return None
+        return (refs, dict(payload.get("facts") or {})) if refs is not None and payload else None
+
     def cached_fileref(self, asset: Iterable[str], partition: str | None, key: str) -> FileRef | None:
         """The cached output for a key if its file is still there, unchanged; else None."""
         found = self.cached_output(asset, partition, key)

@@ -84,3 +84,73 @@ def test_chunks_larger_than_the_model_window_are_refused(quiver_home, instance, 
     [failure] = [e for e in result.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message
     assert "chunk_tokens=512 is more than the model reads (256 tokens" in message
+
+
+def _chunk_run(instance, resources, source: str, run_config=None, assets=None):  # noqa: ANN001, ANN202
+    """documents and chunks of one source in a real run: the chunks' metadata and the output's FileRef."""
+    from dagster import materialize
+
+    from platform_defs.definitions import ALL_ASSETS
+    from tests.helpers import metadata
+
+    result = materialize(assets or ALL_ASSETS, instance=instance, resources=resources, partition_key=source,
+                         selection=["documents", "chunks"], run_config=run_config or {})
+    return metadata(result, "chunks"), resources["store"].read_latest(["chunks"], source)
+
+
+def test_only_changed_documents_are_chunked_again_into_the_same_output(quiver_home, instance, resources,  # noqa: ANN001
+                                                                         tmp_path) -> None:  # noqa: ANN001
+    from tests.helpers import add_source, scifact_docs, write_jsonl
+
+    docs = scifact_docs(8)
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    add_source(instance, resources, "s", path)
+    first, _ = _chunk_run(instance, resources, "s")
+    assert (first["documents_chunked"], first["documents_unchanged"]) == (8, 0)
+    # The first document edited, the second deleted, one added at the end; the other six unchanged.
+    write_jsonl(path, [{**docs[0], "text": docs[0]["text"] + " Revised."}, *docs[2:], *scifact_docs(1, 8)])
+    second, ref = _chunk_run(instance, resources, "s")
+    assert (second["documents_chunked"], second["documents_unchanged"]) == (2, 6)
+    # Chunking every document again writes the very same file, byte for byte.
+    forced, forced_ref = _chunk_run(instance, resources, "s", {"ops": {"chunks": {"config": {"force": True}}}})
+    assert (forced["documents_chunked"], forced["documents_unchanged"]) == (8, 0)
+    assert forced_ref.sha256 == ref.sha256 and forced_ref.rows == ref.rows == second["chunks"]
+
+
+def test_other_chunker_code_or_settings_chunk_every_document_again(quiver_home, instance, resources,  # noqa: ANN001
+                                                                   tmp_path) -> None:  # noqa: ANN001
+    from platform_defs.definitions import ALL_ASSETS
+    from tests.helpers import add_source, scifact_docs, write_jsonl
+
+    docs = scifact_docs(5)
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    add_source(instance, resources, "s", path)
+    _chunk_run(instance, resources, "s")
+    write_jsonl(path, [{**docs[0], "text": docs[0]["text"] + " Revised."}, *docs[1:]])
+    # The chunker's code changed: its code version (and cache keys) with it, so no previous row is taken.
+    edited = [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version="edited-chunker")
+                                if spec.key.path[-1] == "chunks" else spec) for a in ALL_ASSETS]
+    changed_code, _ = _chunk_run(instance, resources, "s", assets=edited)
+    assert (changed_code["documents_chunked"], changed_code["documents_unchanged"]) == (5, 0)
+    other_overlap, _ = _chunk_run(instance, resources, "s", {"ops": {"chunks": {"config": {"overlap_tokens": 16}}}})
+    assert (other_overlap["documents_chunked"], other_overlap["documents_unchanged"]) == (5, 0)
+    # The same code and settings as the last run: only the document edited since is chunked again.
+    write_jsonl(path, [{**docs[0], "text": docs[0]["text"] + " Revised."}, {**docs[1], "title": "Retitled"},
+                       *docs[2:]])
+    again, _ = _chunk_run(instance, resources, "s", {"ops": {"chunks": {"config": {"overlap_tokens": 16}}}})
+    assert (again["documents_chunked"], again["documents_unchanged"]) == (1, 4)
+
+
+def test_a_previous_output_too_large_to_hold_is_not_read(quiver_home, instance, resources, tmp_path,  # noqa: ANN001
+                                                         monkeypatch) -> None:  # noqa: ANN001
+    import assets.chunks
+    from tests.helpers import add_source, scifact_docs, write_jsonl
+
+    docs = scifact_docs(4)
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    add_source(instance, resources, "s", path)
+    _chunk_run(instance, resources, "s")
+    write_jsonl(path, [{**docs[0], "text": docs[0]["text"] + " Revised."}, *docs[1:]])
+    monkeypatch.setattr(assets.chunks, "REUSE_MAX_FILE_BYTES", 1)  # the memory bound: nothing held, all chunked
+    bounded, _ = _chunk_run(instance, resources, "s")
+    assert (bounded["documents_chunked"], bounded["documents_unchanged"]) == (4, 0)
