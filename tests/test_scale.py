@@ -1,0 +1,134 @@
+"""What keeps cost linear at scale, on real parts: Milvus key listings in pages, an embedding cache whose
+misses do not list its directory, and one source embedded by parallel shard steps."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import resources.embedding_cache as ec
+from resources.embedding_cache import pack_entry, text_sha
+from resources.milvus_store import MilvusStore
+from tests.helpers import (
+    add_source,
+    assert_stores_exact,
+    check_results,
+    chunk_rows,
+    index,
+    ingest,
+    metadata,
+    scifact_docs,
+    write_jsonl,
+)
+
+SMALL_CHUNKS = {"ops": {"chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}}}
+CHECKS = ("faiss_index:matches_chunks", "milvus_collection:matches_chunks")
+DIM = 4
+
+
+def _row(i: int, source: str = "s") -> dict[str, Any]:
+    return {"id": i, "vector": [1.0, float(i % 7), 0.5, 0.25], "source": source, "doc_id": f"d{i}",
+            "chunk_id": f"d{i}#0", "title": "", "text": f"text {i}", "vector_key": f"{i:032x}"}
+
+
+def _corpus(n: int, start: int = 0, chars: int = 450) -> list[dict[str, Any]]:
+    return [{**d, "text": d["text"][:chars]} for d in scifact_docs(n, start)]
+
+
+def test_key_listings_come_in_pages_and_miss_nothing(quiver_home: Path) -> None:
+    """A collection with many more keys than a page, written in several requests (several segments), with
+    deletions: every listing is in pages of at most key_page_rows and holds exactly what the collection does."""
+    store = MilvusStore(uri=str(quiver_home / "paged.db"), collection="paged", key_page_rows=7)
+    store.ensure_collection(DIM)
+    rng = np.random.default_rng(18)
+    ids = [int(i) for i in rng.choice(10**12, size=60, replace=False)]
+    for start in range(0, 60, 13):
+        store.upsert_rows([_row(i, "a" if n % 3 else "b") for n, i in enumerate(ids[start:start + 13], start)])
+    store.delete_ids(ids[:5], sources={"a", "b"})
+    held = {i: ("a" if n % 3 else "b") for n, i in enumerate(ids) if n >= 5}
+    pages = list(store.key_pages())
+    assert all(1 <= len(page) <= 7 for page in pages) and len(pages) >= 55 // 7
+    assert [vid for page in pages for vid, _, _ in page] == sorted(held)  # in id order, each once
+    assert {vid: source for page in pages for vid, _, source in page} == held
+    assert dict(store.iter_keys("b")) == {i: f"{i:032x}" for i, s in held.items() if s == "b"}
+    assert store.keys_of([*ids[:8], 5], "a") == {i: f"{i:032x}" for i in ids[5:8] if held[i] == "a"}
+    current = np.array(sorted(i for i, s in held.items() if s == "a")[3:], np.int64)
+    gone = [vid for page in store.ids_not_in("a", current) for vid in page]
+    assert sorted(gone) == sorted(i for i, s in held.items() if s == "a")[:3]
+
+
+def test_embedding_a_source_never_lists_all_its_keys_at_once(tmp_path: Path, instance: Any,
+                                                             resources: dict[str, Any],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embeddings step compares each batch with what Milvus holds of that batch's ids, and finds the
+    vectors to delete by paging: no dict of every key of the source, and Milvus stays exact."""
+    resources["milvus"] = resources["milvus"].model_copy(update={"key_page_rows": 8})
+
+    def whole_listing(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("the whole key listing was read into one dict")
+
+    monkeypatch.setattr(MilvusStore, "existing_keys", whole_listing)
+    docs = {d["id"]: d for d in _corpus(30)}
+    file = tmp_path / "paged.jsonl"
+    add_source(instance, resources, "paged", write_jsonl(file, list(docs.values())))
+    first = metadata(ingest(instance, resources, "paged", run_config=SMALL_CHUNKS), "embeddings")
+    assert first["milvus_upserted"] == first["rows"] > 8 * 4
+    before = chunk_rows(resources, "paged")
+    edited = sorted(docs)[:2]
+    for doc_id in edited:
+        docs[doc_id] = {**docs[doc_id], "text": docs[doc_id]["text"][:100] + " Edited for paging."}
+    del docs[sorted(docs)[5]]
+    write_jsonl(file, list(docs.values()))
+    meta = metadata(ingest(instance, resources, "paged", run_config={
+        "ops": {**SMALL_CHUNKS["ops"], "embeddings": {"config": {"texts_per_batch": 5}}}}), "embeddings")
+    after = chunk_rows(resources, "paged")
+    assert meta["milvus_deleted"] == len(set(before) - set(after)) > 0
+    assert meta["milvus_upserted"] == sum(1 for vid, row in after.items() if before.get(vid) != row) > 0
+    assert meta["milvus_unchanged"] == meta["rows"] - meta["milvus_upserted"]
+    monkeypatch.undo()
+    checks = check_results(index(instance, resources))
+    assert all(checks[name].passed for name in CHECKS)
+    assert_stores_exact(resources, {"paged": docs})
+
+
+def test_a_cache_miss_does_not_list_the_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With segments seen at once (no refresh interval), many misses cost one listing of the disk level, not one
+    each; a segment another process writes is still found at the next lookup, and this process's own
+    writes need no listing."""
+    from upath import UPath
+
+    from quiver.segments import SegmentStore
+
+    listed: list[str] = []
+    for name in ("listdir", "scandir"):
+        real = getattr(os, name)
+
+        def counting(path: Any = ".", _real: Any = real) -> Any:
+            if os.fspath(path).rstrip("/") == str(tmp_path):
+                listed.append(os.fspath(path))
+            return _real(path)
+
+        monkeypatch.setattr(os, name, counting)
+
+    def entries(n: int, start: int) -> tuple[list[bytes], list[bytes]]:
+        shas = [text_sha(f"text {i}") for i in range(start, start + n)]
+        return shas, [pack_entry(sha, np.full(4, i, np.float32)) for i, sha in zip(range(start, start + n), shas,
+                                                                                  strict=True)]
+
+    store = SegmentStore(UPath(str(tmp_path)), DIM, ec.entry_size(DIM), refresh_interval_s=0,
+                         merge_at_segments=1000)  # no merge due: maintenance lists the directory once each time
+    other = SegmentStore(UPath(str(tmp_path)), DIM, ec.entry_size(DIM), refresh_interval_s=0)
+    store.put_many(*entries(3, 0))
+    for i in range(40):
+        assert store.get_many(entries(1, 1000 + i)[0]) == {}  # a miss
+        store.put_many(*entries(1, 1000 + i))  # what the caller does after encoding it
+        assert len(store.get_many(entries(1, 1000 + i)[0])) == 1
+    assert len(listed) <= 1
+    shas, raw = entries(2, 500)
+    other.put_many(shas, raw)
+    assert store.get_many(shas) == dict(enumerate(raw))  # another process's segment, seen at once
+    assert len(listed) <= 2
+    store.maintain()
+    assert len(listed) <= 3 and store.listings == len(listed)
