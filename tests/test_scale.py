@@ -132,3 +132,56 @@ def test_a_cache_miss_does_not_list_the_directory(tmp_path: Path, monkeypatch: p
     assert len(listed) <= 2
     store.maintain()
     assert len(listed) <= 3 and store.listings == len(listed)
+
+
+def test_shards_are_stable_under_small_edits_and_read_as_one_table(resources: dict[str, Any]) -> None:
+    """Chunks go to shards by their document's id, so editing, adding or deleting a document changes only its
+    own shard; a sharded output is one FileRef whose shards readers stream as one table, and whose check
+    refuses a shard changed behind its back."""
+    import pyarrow as pa
+
+    from quiver.errors import FileRefError
+    from quiver.shards import shard_count, split_batches
+    from resources.fileref import FileRef, shard_ref
+
+    assert [shard_count(n, 100) for n in (0, 100, 101, 200, 201, 1000)] == [1, 1, 2, 2, 4, 16]
+    assert shard_count(10**6, 0) == 1
+
+    def table(doc_ids: list[str]) -> pa.RecordBatch:
+        return pa.RecordBatch.from_pydict({"doc_id": doc_ids, "chunk_id": [f"{d}#0" for d in doc_ids]})
+
+    def shards_of(doc_ids: list[str]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for shard, rows in split_batches([table(doc_ids[i:i + 7]) for i in range(0, len(doc_ids), 7)], 8):
+            out.setdefault(shard, []).extend(rows.column("doc_id").to_pylist())
+        return out
+
+    docs = [f"doc-{i}" for i in range(400)]
+    before = shards_of(docs)
+    assert len(before) == 8 and all(30 <= len(v) <= 70 for v in before.values())
+    assert sorted(d for v in before.values() for d in v) == sorted(docs)
+    assert all(v == sorted(v, key=docs.index) for v in before.values())  # chunk order within a shard
+    after = shards_of([d for d in docs if d != "doc-3"] + ["doc-new"])
+    touched = {s for s in set(before) | set(after) if before.get(s) != after.get(s)}
+    assert 1 <= len(touched) <= 2
+
+    store = resources["store"]
+    refs: list[FileRef] = []
+    for _shard, ids in sorted(before.items()):
+        with store.parquet_writer(["embeddings", "_shards"], "s", table(ids).schema, prune=False) as writer:
+            writer.write_batch(table(ids))
+        refs.append(writer.ref)
+    merged = shard_ref(str(store.asset_dir(["embeddings", "_shards"], "s")), refs)
+    assert merged.rows == 400 and store.check(merged) == merged
+    assert FileRef.from_json(merged.to_json()) == merged
+    store.write_latest(["embeddings"], "s", merged)
+    assert store.read_latest(["embeddings"], "s") == merged
+    streamed = [d for b in store.iter_batches(merged, 50, columns=["doc_id"]) for d in b.column("doc_id").to_pylist()]
+    assert streamed == [d for _, v in sorted(before.items()) for d in v]
+    assert store.read_table(merged).num_rows == 400 and store.parquet_schema(merged).names == ["doc_id", "chunk_id"]
+    assert store.prune_shards(merged.path, [FileRef(**{**merged.as_dict(), "parts": merged.parts[:6]})]) == 2
+    with pytest.raises(FileRefError, match="no longer exists"):
+        store.check(merged)
+    Path(refs[2].path).write_bytes(Path(refs[3].path).read_bytes())
+    with pytest.raises(FileRefError, match="was modified"):
+        store.check(shard_ref(merged.path, refs[:6]))
