@@ -2,8 +2,9 @@
 
 A chunk goes to the shard its document's id hashes to (the top bits of sha256(doc id)), never by its row
 position: adding, editing or deleting a document changes only the shard that document hashes to. The
-number of shards is a power of two, the smallest whose shards hold at most `shard_rows` rows on average, so
-it changes only when a source doubles or halves (and then every shard changes once).
+number of shards is a power of two, the smallest whose shards hold at most `shard_rows` rows on average, and a
+source keeps the count it had until it grows past twice that or shrinks below a quarter (and then every shard
+changes once).
 """
 
 import hashlib
@@ -13,10 +14,15 @@ import numpy as np
 import pyarrow as pa
 
 
-def shard_count(rows: int, shard_rows: int) -> int:
-    """Shards for a source of `rows` chunks: 1 when sharding is off (shard_rows 0) or the source is small."""
-    if shard_rows <= 0 or rows <= shard_rows:
+def shard_count(rows: int, shard_rows: int, previous: int = 0) -> int:
+    """Shards for a source of `rows` chunks: 1 when sharding is off (shard_rows 0) or the source is small. A
+    source keeps its `previous` count (a power of two) while its shards hold from a quarter to twice
+    shard_rows on average, so that edits around a boundary do not reshuffle every shard."""
+    if shard_rows <= 0:
         return 1
+    if previous >= 1 and previous & (previous - 1) == 0 and (
+            previous * shard_rows // 4 < rows <= previous * shard_rows * 2 or (previous == 1 and rows <= shard_rows)):
+        return previous
     count = 1
     while rows > count * shard_rows:
         count *= 2

@@ -70,6 +70,14 @@ class FileRef:
             return [self]
         return [FileRef(path, sha, rows, size, self.schema) for path, sha, rows, size in self.parts]
 
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "path": MetadataValue.path(self.path),
+            "rows": MetadataValue.int(self.rows),
+            "bytes": MetadataValue.int(self.bytes),
+            "sha256": MetadataValue.text(self.sha256),
+        }
+
 
 def from_dict(stored: dict[str, Any]) -> FileRef:
     return FileRef(**{**stored, "parts": tuple(tuple(p) for p in stored.get("parts") or ())})
@@ -82,14 +90,6 @@ def shard_ref(directory: str, shards: list[FileRef]) -> FileRef:
     digest = hashlib.sha256(b"quiver-shards\x00" + "\n".join(s.sha256 for s in shards).encode())
     return FileRef(directory, digest.hexdigest(), sum(s.rows for s in shards), sum(s.bytes for s in shards),
                    shards[0].schema, tuple((s.path, s.sha256, s.rows, s.bytes) for s in shards))
-
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "path": MetadataValue.path(self.path),
-            "rows": MetadataValue.int(self.rows),
-            "bytes": MetadataValue.int(self.bytes),
-            "sha256": MetadataValue.text(self.sha256),
-        }
 
 
 class _HashingSink:

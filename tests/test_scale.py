@@ -146,6 +146,9 @@ def test_shards_are_stable_under_small_edits_and_read_as_one_table(resources: di
 
     assert [shard_count(n, 100) for n in (0, 100, 101, 200, 201, 1000)] == [1, 1, 2, 2, 4, 16]
     assert shard_count(10**6, 0) == 1
+    # A source keeps its count from a quarter to twice its shards' rows: no reshuffle at a boundary.
+    assert [shard_count(n, 100, 16) for n in (401, 1600, 1601, 3200, 3201, 400)] == [16, 16, 16, 16, 64, 4]
+    assert shard_count(50, 100, 1) == 1 and shard_count(150, 100, 1) == 1 and shard_count(201, 100, 1) == 4
 
     def table(doc_ids: list[str]) -> pa.RecordBatch:
         return pa.RecordBatch.from_pydict({"doc_id": doc_ids, "chunk_id": [f"{d}#0" for d in doc_ids]})
@@ -185,3 +188,103 @@ def test_shards_are_stable_under_small_edits_and_read_as_one_table(resources: di
     Path(refs[2].path).write_bytes(Path(refs[3].path).read_bytes())
     with pytest.raises(FileRefError, match="was modified"):
         store.check(shard_ref(merged.path, refs[:6]))
+
+
+def _sharded_assets() -> list[Any]:
+    from assets.chunks import chunks
+    from assets.common import with_code_versions
+    from assets.documents import documents
+    from assets.embed_shards import sharded_embeddings
+    from assets.faiss_index import faiss_index
+    from assets.milvus_collection import milvus_collection
+    from assets.retrieval_eval import retrieval_eval
+
+    return with_code_versions([documents, chunks, sharded_embeddings, faiss_index, milvus_collection,
+                               retrieval_eval])
+
+
+def _embedding_rows(resources: dict[str, Any], source: str) -> dict[int, dict[str, Any]]:
+    store = resources["store"]
+    table = store.read_table(store.check(store.read_latest(["embeddings"], source)))
+    return {row["vector_id"]: row for row in table.to_pylist()}
+
+
+def test_a_sharded_source_equals_the_unsharded_one_and_a_small_change_touches_its_shards_only(
+        tmp_path: Path, instance: Any, resources: dict[str, Any]) -> None:
+    from dagster import materialize
+
+    from platform_defs.definitions import ALL_CHECKS
+    from platform_defs.jobs import INDEX_ASSETS, INGEST_ASSETS
+
+    sharded = _sharded_assets()
+    docs = {d["id"]: d for d in _corpus(48)}
+    file = write_jsonl(tmp_path / "big.jsonl", list(docs.values()))
+    add_source(instance, resources, "big", file)
+    plain = _embedding_rows(resources, "big") if ingest(instance, resources, "big", SMALL_CHUNKS) else None
+    config = {"ops": {**SMALL_CHUNKS["ops"], "embeddings": {"ops": {
+        "plan_embedding_shards": {"config": {"shard_rows": 10}}}}}}
+
+    def ingest_sharded() -> Any:
+        return materialize(sharded, instance=instance, resources=resources, partition_key="big",
+                           selection=list(INGEST_ASSETS), run_config=config)
+
+    first = ingest_sharded()
+    meta = metadata(first, "embeddings")
+    ref = resources["store"].read_latest(["embeddings"], "big")
+    assert meta["shards"] == len(ref.parts) >= 8 and ref.rows == len(plain)
+    assert sum(1 for e in first.all_events if e.is_step_success and e.step_key.startswith(
+        "embeddings.embed_shard[")) == meta["shards"]
+    rows = _embedding_rows(resources, "big")
+    assert set(rows) == set(plain)
+    for vid, row in rows.items():  # the same vectors, ids, keys and payload as the one-step asset's
+        assert {k: v for k, v in row.items() if k != "vector"} == {k: v for k, v in plain[vid].items()
+                                                                    if k != "vector"}
+        np.testing.assert_allclose(row["vector"], plain[vid]["vector"], atol=1e-6)
+
+    again = metadata(ingest_sharded(), "embeddings")  # nothing changed: every shard reused, nothing encoded
+    assert (again["shards_reused"], again["texts_encoded"]) == (meta["shards"], 0)
+    edited = sorted(docs)[7]
+    docs[edited] = {**docs[edited], "text": docs[edited]["text"][:200] + " A small edit."}
+    write_jsonl(file, list(docs.values()))
+    small = metadata(ingest_sharded(), "embeddings")
+    assert small["shards"] == meta["shards"] and small["shards_reused"] == meta["shards"] - 1
+    assert 0 < small["texts_encoded"] <= 4
+
+    result = materialize([*sharded, *ALL_CHECKS], instance=instance, resources=resources,
+                         selection=list(INDEX_ASSETS))
+    checks = check_results(result)
+    assert all(checks[name].passed for name in CHECKS)
+    assert_stores_exact(resources, {"big": docs})
+    assert chunk_rows(resources, "big").keys() == _embedding_rows(resources, "big").keys()
+
+
+def test_shard_steps_run_at_most_the_model_limit_at_once(tmp_path: Path, quiver_home: Path, instance: Any,
+                                                         resources: dict[str, Any]) -> None:
+    """A real multiprocess run of the sharded asset: the shard steps carry the `model` memory class, and the
+    executor's memory-bound tag limit (2 here: 60% of a 3500 MiB budget over 1 GiB a step, with 8 cores and 6
+    concurrent steps allowed) bounds how many run at once, as the run's event log shows."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT
+    from tests.test_concurrency import _run_messages, _steps, max_overlap
+
+    add_source(instance, resources, "wide", write_jsonl(tmp_path / "wide.jsonl", _corpus(40, chars=300)))
+    env = {**os.environ, "DAGSTER_HOME": str(quiver_home), "PYTHONPATH": str(PROJECT),
+           "QUIVER_EMBED_SHARD_ROWS": "8", "QUIVER_EXECUTION_MODE": "multiprocess",
+           "QUIVER_MEMORY_NEED_MODEL": "1GiB", "QUIVER_MEMORY_BUDGET": "3500MiB", "QUIVER_CPU_COUNT": "8",
+           "QUIVER_MEMORY_AVAILABLE": "16GiB", "QUIVER_MEMORY_NEED_IO": "64MiB", "QUIVER_MEMORY_NEED_LIGHT": "64MiB"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
+                           "platform_defs", "--select", "documents,chunks,embeddings", "--partition", "wide",
+                           "--config-json", json.dumps({"execution": {"config": {"max_concurrent": 6}}})],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = instance.get_runs(limit=1)[0].run_id
+    assert any(m.startswith("memory limits: model 2 ") for m in _run_messages(instance, run_id))
+    shards = {step: span for (_, step), span in _steps(instance, [run_id]).items()
+              if step.startswith("embeddings.embed_shard[")}
+    ref = resources["store"].read_latest(["embeddings"], "wide")
+    assert len(shards) == len(ref.parts) >= 4
+    assert 1 <= max_overlap(list(shards.values())) <= 2
+    assert ref.rows == len(chunk_rows(resources, "wide"))
