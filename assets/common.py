@@ -25,6 +25,7 @@ from dagster import (
     Failure,
     Jitter,
     MetadataValue,
+    OpExecutionContext,
     Output,
     PreviewWarning,
     RetryPolicy,
@@ -95,7 +96,8 @@ def fail_fast_unless_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
     def check_memory(args: tuple[Any, ...]) -> None:
         """The worker-side preflight: a step whose class's need (recorded on the run when it started) does not
         fit in what this machine may use now is not started; it is retried later."""
-        context = next((a for a in args if isinstance(a, AssetExecutionContext | AssetCheckExecutionContext)), None)
+        context = next((a for a in args if isinstance(
+            a, AssetExecutionContext | AssetCheckExecutionContext | OpExecutionContext)), None)  # an op: a shard step
         if context is None:
             return
         memory_class = context.op_def.tags.get(MEMORY_TAG)

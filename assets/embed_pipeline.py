@@ -12,6 +12,7 @@ partition's vectors whose chunk no longer exists are deleted. Only this source's
 deleted: other partitions are never touched.
 """
 
+import functools
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -65,7 +66,7 @@ class PartitionVectors:
     unchanged: int = 0
     deleted: int = 0
     report: PipelineReport | None = None
-    seen: set[int] = field(default_factory=set)
+    seen: list[np.ndarray] = field(default_factory=list)  # vector ids written, by batch (8 bytes a row)
     digest: KeyDigest = field(default_factory=KeyDigest)
     deferred: str = ""  # why Milvus was not written (milvus_collection writes it instead)
 
@@ -74,10 +75,10 @@ class _Writer:
     """The write stage: runs in one thread, in chunk order, so the Parquet file is deterministic."""
 
     def __init__(self, partition: str, fingerprint: str, dimension: int, writer: ParquetFileWriter,
-                 existing: dict[int, str] | None, insert_rows: int, insert_bytes: int,
+                 held: Callable[[list[int]], dict[int, str]] | None, insert_rows: int, insert_bytes: int,
                  progress: Callable[[int], None], result: PartitionVectors) -> None:
         self.partition, self.fingerprint, self.dimension = partition, fingerprint, dimension
-        self.writer, self.existing = writer, existing
+        self.writer, self.held = writer, held
         self.insert_rows, self.insert_bytes = insert_rows, insert_bytes
         self.progress, self.result = progress, result
         self.pending: list[dict[str, Any]] = []
@@ -89,13 +90,19 @@ class _Writer:
         self.writer.write_batch(batch)
         self.result.rows += batch.num_rows
         self.progress(batch.num_rows)
-        if self.existing is None:
+        if self.held is None or self.result.deferred:
             return []
         ids = batch.column("vector_id").to_pylist()
         keys = batch.column("vector_key").to_pylist()
-        self.result.seen.update(ids)
+        self.result.seen.append(np.asarray(ids, dtype=np.int64))
         self.result.digest.update(zip(ids, keys, strict=True))
-        changed = [i for i, (vid, key) in enumerate(zip(ids, keys, strict=True)) if self.existing.get(vid) != key]
+        try:
+            held = self.held(ids)  # what Milvus holds of this batch's ids only: memory is one batch, not the source
+        except ServiceUnavailableError as exc:  # Milvus went away mid-run: the rest is left to milvus_collection
+            self.result.deferred = (f"Milvus unavailable after {self.result.upserted} upserts ({exc}): left to "
+                                    "milvus_collection")
+            return []
+        changed = [i for i, (vid, key) in enumerate(zip(ids, keys, strict=True)) if held.get(vid) != key]
         self.result.unchanged += len(ids) - len(changed)
         if changed:
             for row in rows_for_milvus(batch.take(changed)):
@@ -132,14 +139,14 @@ def embed_partition_vectors(
     state = pool.state()
     fingerprint, dimension = state.fingerprint, state.dimension
     result = PartitionVectors()
-    existing: dict[int, str] | None = None
+    held: Callable[[list[int]], dict[int, str]] | None = None
     if milvus is not None and (busy := milvus.busy_reason()):
         # Another process has the embedded database: do not wait for it, milvus_collection writes these vectors.
         result.deferred, milvus = f"{busy}: left to milvus_collection", None
     if milvus is not None:
         try:
             milvus.ensure_collection(dimension)
-            existing = milvus.existing_keys(source=partition)
+            held = functools.partial(milvus.keys_of, source=partition)
         except ServiceUnavailableError as exc:  # degraded, not down: the Parquet and FAISS do not wait for Milvus
             result.deferred, milvus = f"Milvus unavailable ({exc}): left to milvus_collection", None
     stats_lock = threading.Lock()
@@ -174,7 +181,7 @@ def embed_partition_vectors(
         result.upserted += written
         return written
 
-    write = _Writer(partition, fingerprint, dimension, writer, existing, settings.insert_batch_size,
+    write = _Writer(partition, fingerprint, dimension, writer, held, settings.insert_batch_size,
                     milvus.max_request_bytes if milvus else 0, bar.update, result)
     stages = [
         Stage("prepare", prepare, workers=settings.preprocess_workers),
@@ -190,10 +197,13 @@ def embed_partition_vectors(
             thread_prefix=f"quiver-embed-{partition}")
     finally:
         bar.close()
-    if milvus is not None and existing is not None and not result.deferred:
+    if milvus is not None and held is not None and not result.deferred:
         try:
-            result.deleted = milvus.delete_ids((vid for vid in existing if vid not in result.seen),
-                                               sources={partition})
+            # The source's vectors whose chunk is gone, found by paging its ids in Milvus against the sorted ids
+            # written now.
+            current = np.sort(np.concatenate(result.seen)) if result.seen else np.empty(0, np.int64)
+            for gone in milvus.ids_not_in(partition, current):
+                result.deleted += milvus.delete_ids(gone, sources={partition})
             milvus.mark_exact(partition, result.digest.hexdigest())  # verified: the source holds exactly these now
         except ServiceUnavailableError as exc:
             result.deferred = f"Milvus unavailable before its stale vectors were deleted ({exc}): left to " \

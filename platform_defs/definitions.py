@@ -8,6 +8,7 @@ from dagster import Definitions
 from assets.chunks import chunks
 from assets.common import with_code_versions
 from assets.documents import documents
+from assets.embed_shards import shard_rows_from_env, sharded_embeddings
 from assets.embeddings import embeddings
 from assets.eval_checks import (
     faiss_and_milvus_agree,
@@ -25,7 +26,9 @@ from platform_defs.schedules import evaluation_schedule, index_maintenance_sched
 from platform_defs.sensors import inbox_sensor, index_automation_sensor
 
 # Code versions come from the asset graph: each asset's hashes the project code it runs and its upstream's.
-ALL_ASSETS = with_code_versions([documents, chunks, embeddings, faiss_index, milvus_collection, retrieval_eval])
+# With QUIVER_EMBED_SHARD_ROWS set, each source's chunks are embedded by parallel shard steps (assets/embed_shards.py).
+ALL_ASSETS = with_code_versions([documents, chunks, sharded_embeddings if shard_rows_from_env() else embeddings,
+                                 faiss_index, milvus_collection, retrieval_eval])
 ALL_CHECKS = [faiss_index_matches_chunks, milvus_collection_matches_chunks, ndcg_at_10_no_regression,
               ndcg_at_10_above_floor, faiss_and_milvus_agree, results_are_corpus_documents]
 

@@ -3,12 +3,16 @@
 A segment holds a header, its keys (sha256 of the texts, sorted) and then the entries in key order; it is
 written once, through a temp file and a rename, and never changed. A lookup searches the sorted keys of
 each segment (memory-mapped when local, so a large cache costs address space, not memory). The directory
-is listed again at most every `refresh_interval_s` (a miss is never wrong, only slower), and temp files
-are never read. Small segments (one per batch of misses) are merged once there are many, and the oldest
+is looked at again at most every `refresh_interval_s` (a miss is never wrong, only slower), and listed again only
+when it changed: locally, its modification time says so in one stat, so a miss costs O(1), not a listing of
+every segment; this process's own writes are added without a listing, and a full listing is still made every
+`relist_interval_s` (an object store, which has no directory times, is listed each time). Temp files are
+never read. Small segments (one per batch of misses) are merged once there are many, and the oldest
 segments are evicted while the total passes `max_bytes`; one process at a time does that maintenance.
 """
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -64,7 +68,7 @@ class SegmentStore:
 
     def __init__(self, directory: UPath, dimension: int, entry_size: int, *, max_bytes: int = 8 * 2**30,
                  refresh_interval_s: float = 5.0, merge_at_segments: int = 16, small_segment_entries: int = 4096,
-                 stale_temp_after_s: float = 3600.0) -> None:
+                 stale_temp_after_s: float = 3600.0, relist_interval_s: float = 60.0) -> None:
         self.directory = directory
         self.dimension = dimension
         self.entry_size = entry_size
@@ -73,8 +77,12 @@ class SegmentStore:
         self.merge_at_segments = merge_at_segments
         self.small_segment_entries = small_segment_entries
         self.stale_temp_after_s = stale_temp_after_s
+        self.relist_interval_s = relist_interval_s
         self._segments: dict[str, Segment] = {}
-        self._listed_at = float("-inf")
+        self._listed_at = float("-inf")  # when the directory was last looked at
+        self._relisted_at = float("-inf")  # when it was last listed
+        self._stamp: int | None = None  # its modification time then (None: unknown, list it)
+        self.listings = 0  # directory listings made (a test's and a benchmark's counter)
         self._lock = threading.Lock()
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -99,23 +107,32 @@ class SegmentStore:
         order = np.argsort(keys, kind="stable")
         return Segment(name, keys[order], order, count, size)
 
-    def refresh(self, force: bool = False) -> None:
-        """See segments other processes wrote (and forget removed ones), at most every refresh_interval_s."""
+    def refresh(self, force: bool = False) -> list[UPath]:
+        """See segments other processes wrote (and forget removed ones), at most every refresh_interval_s.
+        Returns the directory's entries when it was listed now (else [])."""
         with self._lock:
-            if not force and time.monotonic() - self._listed_at < self.refresh_interval_s:
-                return
-            self._listed_at = time.monotonic()
+            now = time.monotonic()
+            if not force and now - self._listed_at < self.refresh_interval_s:
+                return []
+            self._listed_at = now
+            stamp = self._directory_stamp()
+            if (not force and stamp is not None and stamp == self._stamp
+                    and now - self._relisted_at < self.relist_interval_s):
+                return []  # unchanged since the last listing (or changed only by this process's own writes)
+            self._stamp, self._relisted_at = stamp, now
+            self.listings += 1
             try:
-                names = {p.name for p in self.directory.iterdir()
-                         if p.name.endswith(SEGMENT_SUFFIX) and not is_temporary(p)}
+                entries = list(self.directory.iterdir())
             except (FileNotFoundError, NotADirectoryError):
-                names = set()
+                entries = []
+            names = {p.name for p in entries if p.name.endswith(SEGMENT_SUFFIX) and not is_temporary(p)}
             for gone in set(self._segments) - names:
                 del self._segments[gone]
             for name in sorted(names - set(self._segments)):
                 segment = self._open(name)
                 if segment is not None:
                     self._segments[name] = segment
+            return entries
 
     def get_many(self, text_shas: Sequence[bytes]) -> dict[int, bytes]:
         """Raw entries found for the given text hashes, by position (to be verified by the caller)."""
@@ -140,7 +157,8 @@ class SegmentStore:
                         fh.seek(segment.base + row * self.entry_size)
                         found[position] = fh.read(self.entry_size)
             except OSError:
-                self._listed_at = float("-inf")  # merged or evicted meanwhile: look again next time
+                with self._lock:  # merged or evicted meanwhile: list again next time
+                    self._listed_at, self._stamp = float("-inf"), None
                 continue
             pending = pending[~np.isin(pending, pending[positions])]
         return found
@@ -169,6 +187,7 @@ class SegmentStore:
     def _write(self, keys: Sequence[bytes], entries: Iterable[bytes]) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
+        before = self._directory_stamp()
         tmp = temp_path(self.directory / name)
         with tmp.open("wb") as fh:
             fh.write(HEADER.pack(MAGIC, self.dimension, len(keys)) + b"".join(keys))
@@ -176,7 +195,24 @@ class SegmentStore:
                 fh.write(entry)
             flush_to_disk(fh)
         atomic_replace(tmp, self.directory / name)
+        self._own_change(before)
         return name
+
+    def _directory_stamp(self) -> int | None:
+        """The directory's modification time (ns) where the file system keeps one (locally), else None."""
+        if not is_local(self.directory):
+            return None
+        try:
+            return os.stat(self.directory.path).st_mtime_ns
+        except OSError:
+            return -1
+
+    def _own_change(self, before: int | None) -> None:
+        """After this process added or removed a segment itself (and recorded it): the directory as it is now
+        needs no listing, if nothing else had changed it since the last one."""
+        with self._lock:
+            if before is not None and before == self._stamp:
+                self._stamp = self._directory_stamp()
 
     def distinct_keys(self) -> int:
         """How many different texts the segments hold (a text may be in several segments)."""
@@ -202,8 +238,8 @@ class SegmentStore:
         except Timeout:
             return report
         try:
-            self.refresh(force=True)
-            report.removed_temporaries = remove_stale_temporaries(self.directory.iterdir(), self.stale_temp_after_s)
+            entries = self.refresh(force=True)  # one listing: the segments, and the temp files of dead writers
+            report.removed_temporaries = remove_stale_temporaries(entries, self.stale_temp_after_s)
             self._evict(report)
             self._merge_small(report)
         finally:
@@ -218,7 +254,9 @@ class SegmentStore:
         for segment in oldest_first:
             if total <= self.max_bytes:
                 break
+            before = self._directory_stamp()
             (self.directory / segment.name).unlink(missing_ok=True)
+            self._own_change(before)
             total -= segment.size
             report.evicted_segments += 1
             report.evicted_bytes += segment.size
@@ -252,7 +290,9 @@ class SegmentStore:
             if segment is not None:
                 self._segments[merged] = segment
         for old in small:
+            before = self._directory_stamp()
             (self.directory / old.name).unlink(missing_ok=True)
+            self._own_change(before)
             with self._lock:
                 self._segments.pop(old.name, None)
         report.merged_segments += len(small)

@@ -50,6 +50,9 @@ class FileRef:
     rows: int
     bytes: int
     schema: str
+    # A sharded output: the Parquet files it is made of, in order, as (path, sha256, rows, bytes); `path` is
+    # then their directory and `sha256` the hash of their hashes (shard_ref). Readers stream them as one table.
+    parts: tuple[tuple[str, str, int, int], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +62,13 @@ class FileRef:
 
     @classmethod
     def from_json(cls, text: str) -> "FileRef":
-        return cls(**json.loads(text))
+        return from_dict(json.loads(text))
+
+    def files(self) -> list["FileRef"]:
+        """The Parquet files to read, in order: the ref itself, or its shards."""
+        if not self.parts:
+            return [self]
+        return [FileRef(path, sha, rows, size, self.schema) for path, sha, rows, size in self.parts]
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -68,6 +77,19 @@ class FileRef:
             "bytes": MetadataValue.int(self.bytes),
             "sha256": MetadataValue.text(self.sha256),
         }
+
+
+def from_dict(stored: dict[str, Any]) -> FileRef:
+    return FileRef(**{**stored, "parts": tuple(tuple(p) for p in stored.get("parts") or ())})
+
+
+def shard_ref(directory: str, shards: list[FileRef]) -> FileRef:
+    """One FileRef for an output made of several Parquet files (their schemas must agree), in that order."""
+    if not shards:
+        raise FileRefError("a sharded output needs at least one shard")
+    digest = hashlib.sha256(b"quiver-shards\x00" + "\n".join(s.sha256 for s in shards).encode())
+    return FileRef(directory, digest.hexdigest(), sum(s.rows for s in shards), sum(s.bytes for s in shards),
+                   shards[0].schema, tuple((s.path, s.sha256, s.rows, s.bytes) for s in shards))
 
 
 class _HashingSink:
@@ -164,8 +186,9 @@ class FileStore(ConfigurableResource):
 
     @contextmanager
     def parquet_writer(self, asset: Iterable[str], partition: str | None,
-                       schema: pa.Schema) -> Iterator[ParquetFileWriter]:
-        """Write one asset partition's Parquet; a failure leaves no file that anything trusts."""
+                       schema: pa.Schema, prune: bool = True) -> Iterator[ParquetFileWriter]:
+        """Write one asset partition's Parquet; a failure leaves no file that anything trusts. Without `prune`,
+        older files stay (shards, which the merged output prunes with `prune_shards`)."""
         writer = ParquetFileWriter(self.asset_dir(asset, partition), schema)
         try:
             yield writer
@@ -173,7 +196,19 @@ class FileStore(ConfigurableResource):
             writer.abort()
             raise
         writer.close()
-        self._prune(writer.directory, keep={writer.ref.path} if writer.ref else set())
+        if prune:
+            self._prune(writer.directory, keep={writer.ref.path} if writer.ref else set())
+
+    def prune_shards(self, directory: str, keep: Iterable[FileRef]) -> int:
+        """Removes the shard files in a directory that none of the `keep` outputs names (a cached output that
+        named one then misses and is recomputed, never read wrong); returns how many."""
+        names = {UPath(part.path).name for ref in keep for part in ref.files()}
+        removed = 0
+        for entry in UPath(directory).iterdir():
+            if entry.name.endswith(".parquet") and not is_temporary(entry) and entry.name not in names:
+                entry.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def _prune(self, directory: UPath, keep: set[str]) -> None:
         """Keeps the newest `keep_versions` outputs (and the latest); temp files are never versions, and the
@@ -190,7 +225,13 @@ class FileStore(ConfigurableResource):
                 stale.unlink(missing_ok=True)
 
     def check(self, ref: FileRef, verify_hash: bool = True) -> FileRef:
-        """The same ref if it is inside the root and unchanged; FileRefError otherwise."""
+        """The same ref if it is inside the root and unchanged (each shard of a sharded one); FileRefError
+        otherwise."""
+        if ref.parts:
+            files = [self.check(part, verify_hash) for part in ref.files()]
+            if shard_ref(ref.path, files).sha256 != ref.sha256:
+                raise FileRefError(f"FileRef {ref.path}: its shards do not hash to {ref.sha256}")
+            return ref
         path = UPath(ref.path)
         if not self._inside_root(path):
             raise FileRefError(f"FileRef {ref.path} points outside the storage root {self.root}")
@@ -216,17 +257,21 @@ class FileStore(ConfigurableResource):
 
     def iter_batches(self, ref: FileRef, batch_size: int = 4096,
                      columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Stream a FileRef's rows; the ref must have passed `check`."""
-        with UPath(ref.path).open("rb") as fh:
-            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
+        """Stream a FileRef's rows (a sharded one's shard after shard); the ref must have passed `check`."""
+        for part in ref.files():
+            with UPath(part.path).open("rb") as fh:
+                yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
 
     def parquet_schema(self, ref: FileRef) -> pa.Schema:
-        with UPath(ref.path).open("rb") as fh:
+        with UPath(ref.files()[0].path).open("rb") as fh:
             return pq.read_schema(fh)
 
     def read_table(self, ref: FileRef, columns: list[str] | None = None) -> pa.Table:
-        with UPath(ref.path).open("rb") as fh:
-            return pq.read_table(fh, columns=columns)
+        tables = []
+        for part in ref.files():
+            with UPath(part.path).open("rb") as fh:
+                tables.append(pq.read_table(fh, columns=columns))
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     # References on disk are relative to the storage root they live in: a root that is copied, restored or
     # mounted elsewhere keeps working. (A reference outside the root stays absolute, and `check` refuses it.)
@@ -242,17 +287,24 @@ class FileStore(ConfigurableResource):
         return target.path[len(prefix):] if target.path.startswith(prefix) and ".." not in target.parts else None
 
     def _to_stored(self, ref: FileRef) -> dict[str, Any]:
-        relative = self._relative(ref.path)
-        return {**ref.as_dict(), "path": relative if relative is not None else ref.path}
+        def stored(path: str) -> str:
+            relative = self._relative(path)
+            return relative if relative is not None else path
+
+        return {**ref.as_dict(), "path": stored(ref.path),
+                "parts": [[stored(path), *rest] for path, *rest in ref.parts]}
 
     def _from_stored(self, stored: dict[str, Any]) -> FileRef:
-        path = str(stored["path"])
-        if "://" not in path and not path.startswith("/"):
-            parts = path.split("/")
-            if ".." in parts or "" in parts:
-                raise FileRefError(f"FileRef {path!r} is not a path inside the storage root {self.root}")
-            path = str(self.root_path.joinpath(*parts))
-        return FileRef(**{**stored, "path": path})
+        def absolute(path: str) -> str:
+            if "://" not in path and not path.startswith("/"):
+                parts = path.split("/")
+                if ".." in parts or "" in parts:
+                    raise FileRefError(f"FileRef {path!r} is not a path inside the storage root {self.root}")
+                path = str(self.root_path.joinpath(*parts))
+            return path
+
+        return from_dict({**stored, "path": absolute(str(stored["path"])),
+                          "parts": [[absolute(str(path)), *rest] for path, *rest in stored.get("parts") or ()]})
 
     # The latest materialization of each asset partition, for downstream loads on any machine.
     def write_latest(self, asset: Iterable[str], partition: str | None, ref: FileRef) -> None:

@@ -17,7 +17,6 @@ from dagster import ConfigurableResource, InitResourceContext, get_dagster_logge
 from pydantic import Field
 
 from quiver.errors import BusyError, ConfigError, QuiverError
-from quiver.hashing import KeyDigest
 from quiver.retry import RetrySettings, call_with_retries
 from quiver.settings import default_milvus_uri
 from quiver.vectors import (
@@ -39,6 +38,7 @@ from resources.milvus_clients import (
     lite_holder,
     loaded,
 )
+from resources.milvus_keys import MilvusKeys
 
 T = TypeVar("T")
 _LITE_TURN_ENDED: dict[str, float] = {}  # Milvus Lite URI -> when this process's last brief turn on it ended
@@ -46,7 +46,7 @@ _LITE_TURN_ENDED: dict[str, float] = {}  # Milvus Lite URI -> when this process'
 EXACT_MARK = "quiver.exact."
 
 
-class MilvusStore(ConfigurableResource):
+class MilvusStore(MilvusKeys, ConfigurableResource):
     """A Milvus collection through MilvusClient: Milvus Lite by default, a server by URI and token."""
 
     uri: str = Field(default_factory=default_milvus_uri,
@@ -58,6 +58,8 @@ class MilvusStore(ConfigurableResource):
                             description="Collection (QUIVER_MILVUS_COLLECTION).")
     index_type: str = Field(default="FLAT", description="FLAT (exact), HNSW, IVF_FLAT or AUTOINDEX.")
     insert_batch_size: int = Field(default=512, ge=1, description="Most rows per insert or upsert request.")
+    key_page_rows: int = Field(default=4096, ge=1, le=16384, description="Most rows per page of a key listing "
+                               "(and ids per lookup): what a listing holds in memory at once.")
     max_request_bytes: int = Field(default=16 * 2**20, ge=2**16, le=MILVUS_MAX_REQUEST_BYTES // 2,
                                    description="Most bytes per request, well under Milvus's 64 MB limit.")
     create_database: bool = Field(default=True, description="Create db_name on the server if it is missing.")
@@ -240,41 +242,6 @@ class MilvusStore(ConfigurableResource):
         client.create_collection(self.collection, schema=schema, index_params=index_params,
                                  consistency_level="Strong")
 
-    def existing_keys(self, source: str | None = None) -> dict[int, str]:
-        """{vector id: vector key} of what the collection holds (optionally for one source)."""
-        return {vid: key for vid, key, _ in self.key_rows(source_filter(source))}
-
-    def iter_keys(self, source: str | None = None) -> list[tuple[int, str]]:
-        """Every (vector id, vector key) row the collection holds, optionally for one source."""
-        return [(vid, key) for vid, key, _ in self.key_rows(source_filter(source))]
-
-    def key_rows(self, expression: str = "", including: set[str] | None = None,
-                 excluding: set[str] | None = None) -> list[tuple[int, str, str]]:
-        """(vector id, vector key, source) of every row matching the filter (and of the included sources, or of
-        every source but the excluded ones); read whole, so that a transient error restarts the listing
-        rather than leaving it half read."""
-        if including is not None:
-            if not including:
-                return []
-            expression = source_filter(including=including)
-        expression = expression or source_filter(excluding=excluding) or "id >= 0"
-        if not self.exists():
-            return []
-        return self._call("list vectors", lambda c: list(self._keys(c, expression)))
-
-    def _keys(self, client: Any, expression: str) -> Iterator[tuple[int, str, str]]:
-        iterator = self._loaded(client).query_iterator(
-            self.collection, batch_size=4096, filter=expression, output_fields=["id", "vector_key", "source"])
-        try:
-            while True:
-                page = iterator.next()
-                if not page:
-                    break
-                for row in page:
-                    yield int(row["id"]), row["vector_key"], row["source"]
-        finally:
-            iterator.close()
-
     # -- exact marks: a digest per source, kept with the collection ---------------------------------------
     def exact_marks(self) -> dict[str, str]:
         """{source: digest of its (id, vector key) pairs} for each source whose last writer left it exact; a
@@ -289,8 +256,7 @@ class MilvusStore(ConfigurableResource):
         """Mark a source exact if what the collection now holds of it is the expected set of (id, vector key)
         pairs: the collection itself is read, so a mark never records what a writer only meant to write.
         Returns whether it was marked."""
-        held = KeyDigest().update((vid, key) for vid, key, _ in self.key_rows(source_filter(source))).hexdigest()
-        if held != expected:
+        if self.held_digest(source) != expected:
             return False
         self._call("mark exact", lambda c: c.alter_collection_properties(
             self.collection, properties={f"{EXACT_MARK}{source}": expected}))
