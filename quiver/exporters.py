@@ -16,7 +16,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from quiver.backends import DONE, ONNX_FILE, OPENVINO_FILE, ExportSpec, check_exportable, ensure_export
+from quiver.backends import (
+    DONE,
+    INT8_RECIPES,
+    ONNX_FILE,
+    OPENVINO_FILE,
+    ExportSpec,
+    check_exportable,
+    ensure_export,
+)
 from quiver.errors import ModelPoolError
 from quiver.settings import PROJECT_ROOT
 
@@ -86,21 +94,59 @@ def quantize_onnx_int8(model: Any, out: Path, quantization: str) -> dict[str, An
     return {**facts, "weights": "int8 per channel", "activations": "int8, dynamic", "reduce_range": reduce_range}
 
 
+def attention_value_matmuls(graph: Any) -> list[str]:
+    """The matmuls that weigh the values by attention probabilities: an input from a Softmax, through the
+    exporter's pass-through ops (the NaN guard's Select, reshapes, converts)."""
+    passing = ("Select", "Convert", "Reshape", "Transpose")
+
+    def from_softmax(node: Any, hops: int = 4) -> bool:
+        kind = node.get_type_name()
+        if kind == "Softmax":
+            return True
+        return hops > 0 and kind in passing and any(
+            from_softmax(i.get_source_output().get_node(), hops - 1) for i in node.inputs())
+
+    return [op.get_friendly_name() for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"
+            and any(from_softmax(i.get_source_output().get_node()) for i in op.inputs())]
+
+
+def calibration_batches(model: Any, texts: Sequence[str], batch: int) -> list[dict[str, Any]]:
+    """Model inputs of the calibration texts, in batches of similar token length (as the pool cuts them)."""
+    from quiver.encoding import plan_batches
+
+    lengths = model.tokenize(list(texts))["attention_mask"].sum(dim=1).tolist() if texts else []
+    return [model.preprocess([texts[i] for i in positions])
+            for positions in plan_batches(lengths, batch, max(1, len(texts)))]
+
+
 def export_openvino(model: Any, out: Path, calibration: Sequence[str] | None = None) -> dict[str, Any]:
-    """OpenVINO IR from the plain ONNX graph; statically quantized to int8 by NNCF on `calibration` texts."""
+    """OpenVINO IR from the plain ONNX graph; statically quantized to int8 by NNCF on `calibration` texts, by
+    the recipe in `INT8_RECIPES` (which is part of the export's key)."""
     import openvino as ov
 
     facts = export_onnx(model, out, fuse=False)
     graph = ov.convert_model(str(out / ONNX_FILE))
     if calibration is not None:
         import nncf
+        from nncf.quantization.advanced_parameters import (
+            AdvancedQuantizationParameters,
+            AdvancedSmoothQuantParameters,
+        )
 
+        recipe = INT8_RECIPES["openvino-int8"]
         names = facts["inputs"]
-        batches = [model.preprocess(list(calibration[i:i + 8])) for i in range(0, len(calibration), 8)]
+        batches = calibration_batches(model, calibration, int(recipe["calibration_batch"]))
         dataset = nncf.Dataset([{n: b[n].numpy() for n in names} for b in batches])
-        graph = nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                              preset=nncf.QuantizationPreset.MIXED, subset_size=len(batches))
-        facts.update(weights="int8", activations="int8, static (calibrated)", calibration_texts=len(calibration))
+        fp32 = attention_value_matmuls(graph)
+        graph = nncf.quantize(
+            graph, dataset, model_type=nncf.ModelType(recipe["model_type"]),
+            preset=nncf.QuantizationPreset(recipe["preset"]), subset_size=len(batches),
+            fast_bias_correction=bool(recipe["fast_bias_correction"]),
+            ignored_scope=nncf.IgnoredScope(names=fp32) if fp32 else None,
+            advanced_parameters=AdvancedQuantizationParameters(
+                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(recipe["smooth_quant_matmul"]))))
+        facts.update(weights="int8", activations="int8, static (calibrated)", calibration_texts=len(calibration),
+                     fp32_attention_value_matmuls=len(fp32), recipe=recipe)
     ov.save_model(graph, str(out / OPENVINO_FILE), compress_to_fp16=False)
     (out / ONNX_FILE).unlink()
     return facts
@@ -122,20 +168,23 @@ def distill_static(model_path: str, out: Path, pca_dims: int | None = 256) -> di
             "distilled_by": "model2vec"}
 
 
-def default_calibration_texts(count: int = 240) -> list[str]:
-    """Calibration texts from the bundled default corpus (the standard library's docstrings), every
-    ninth document so that modules of every kind are in it: real text, never a download."""
-    from itertools import islice
-
+def default_calibration_texts(count: int, model_path: str, window: int) -> list[str]:
+    """Calibration texts: chunks of the bundled default corpus (the standard library's docstrings) as the chunks
+    asset cuts them to the model's window, `count` of them spread evenly over it: real text, never a download."""
+    from quiver.chunking import ChunkSettings, chunk_documents
+    from quiver.models import load_tokenizer
     from quiver.sources import read_documents
 
-    documents = islice(read_documents("stdlib", "stdlib", on_bad_record="skip"), 0, count * 9, 9)
-    return [f"{d.title}\n{d.text}" for d in documents]
+    documents = [(d.doc_id, d.title, d.text) for d in read_documents("stdlib", "stdlib", on_bad_record="skip")]
+    settings = ChunkSettings(strategy="tokens", **({"chunk_tokens": window} if window else {}))
+    chunks = [c.text for c in chunk_documents(load_tokenizer(model_path), documents, settings)]
+    return chunks[::max(1, len(chunks) // count)][:count]
 
 
 def build_export(spec: ExportSpec, load: Callable[[], Any],
-                 calibration: Callable[[int], Sequence[str]] = default_calibration_texts) -> Callable[[Path], dict]:
+                 calibration: Callable[[int], Sequence[str]] | None = None) -> Callable[[Path], dict]:
     """The function that builds `spec`'s export into a directory (for `ensure_export`)."""
+    calibration = calibration or (lambda n: default_calibration_texts(n, spec.model_path, spec.max_seq_length))
 
     def build(out: Path) -> dict[str, Any]:
         if spec.backend == "static":
