@@ -235,9 +235,10 @@ def main() -> None:
     parser.add_argument("--keep-quality", action="store_true", help="measure speed again and keep the quality "
                         "gate's figures already in bench/results/backends.json (written earlier today by this "
                         "script), measuring only the backends it lacks")
-    parser.add_argument("--skip-speed", action="store_true", help="run only the quality gate (not timing-"
-                        "sensitive, so fit for a busy machine) and keep the speed figures already in "
-                        "bench/results/backends.json, flagged as from an earlier run")
+    parser.add_argument("--skip-speed", action="store_true", help="run only the quality gate of "
+                        "--quality-backends (not timing-sensitive, so fit for a busy machine) and keep the speed "
+                        "figures and the other backends' quality already in bench/results/backends.json, flagged "
+                        "as from an earlier run")
     args = parser.parse_args()
     backends = args.backends.split(",")
     assert backends[0] == "torch", "torch fp32 is the reference: list it first"
@@ -248,7 +249,10 @@ def main() -> None:
 
     reference = ModelPool(threads=args.threads)
     earlier = json.loads(RESULTS_FILE.read_text()) if args.keep_quality or args.skip_speed else {}
+    measure = args.quality_backends.split(",") if args.quality_backends else backends
     kept = earlier["quality"] if args.keep_quality else {}
+    if args.skip_speed:  # the other backends' quality figures stay as they were
+        kept = {b: q for b, q in earlier["quality"].items() if b not in measure}
     if args.skip_speed:  # the speed rows are the earlier run's backends
         args.backends, args.repeats, args.texts = (earlier["args"][k] for k in ("backends", "repeats", "texts"))
         peak, measured = earlier["matmul_peak_gflops"], earlier["speed"]
@@ -263,7 +267,7 @@ def main() -> None:
                                "quality": kept, "quality_kept_from_earlier_run": bool(kept)}
     render(results, reference.model_path)  # what is measured so far is kept, whatever happens next
     if not args.skip_quality:
-        for backend in (args.quality_backends.split(",") if args.quality_backends else backends):
+        for backend in measure:
             if backend in kept:
                 continue
             if backend == "torch" and args.torch_quality_from:

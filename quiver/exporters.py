@@ -110,15 +110,6 @@ def attention_value_matmuls(graph: Any) -> list[str]:
             and any(from_softmax(i.get_source_output().get_node()) for i in op.inputs())]
 
 
-def calibration_batches(model: Any, texts: Sequence[str], batch: int) -> list[dict[str, Any]]:
-    """Model inputs of the calibration texts, in batches of similar token length (as the pool cuts them)."""
-    from quiver.encoding import plan_batches
-
-    lengths = model.tokenize(list(texts))["attention_mask"].sum(dim=1).tolist() if texts else []
-    return [model.preprocess([texts[i] for i in positions])
-            for positions in plan_batches(lengths, batch, max(1, len(texts)))]
-
-
 def export_openvino(model: Any, out: Path, calibration: Sequence[str] | None = None) -> dict[str, Any]:
     """OpenVINO IR from the plain ONNX graph; statically quantized to int8 by NNCF on `calibration` texts, by
     the recipe in `INT8_RECIPES` (which is part of the export's key)."""
@@ -135,7 +126,8 @@ def export_openvino(model: Any, out: Path, calibration: Sequence[str] | None = N
 
         recipe = INT8_RECIPES["openvino-int8"]
         names = facts["inputs"]
-        batches = calibration_batches(model, calibration, int(recipe["calibration_batch"]))
+        size = int(recipe["calibration_batch"])
+        batches = [model.preprocess(list(calibration[i:i + size])) for i in range(0, len(calibration), size)]
         dataset = nncf.Dataset([{n: b[n].numpy() for n in names} for b in batches])
         fp32 = attention_value_matmuls(graph)
         graph = nncf.quantize(
@@ -168,23 +160,20 @@ def distill_static(model_path: str, out: Path, pca_dims: int | None = 256) -> di
             "distilled_by": "model2vec"}
 
 
-def default_calibration_texts(count: int, model_path: str, window: int) -> list[str]:
-    """Calibration texts: chunks of the bundled default corpus (the standard library's docstrings) as the chunks
-    asset cuts them to the model's window, `count` of them spread evenly over it: real text, never a download."""
-    from quiver.chunking import ChunkSettings, chunk_documents
-    from quiver.models import load_tokenizer
+def default_calibration_texts(count: int = 240) -> list[str]:
+    """Calibration texts from the bundled default corpus (the standard library's docstrings), every
+    ninth document so that modules of every kind are in it: real text, never a download."""
+    from itertools import islice
+
     from quiver.sources import read_documents
 
-    documents = [(d.doc_id, d.title, d.text) for d in read_documents("stdlib", "stdlib", on_bad_record="skip")]
-    settings = ChunkSettings(strategy="tokens", **({"chunk_tokens": window} if window else {}))
-    chunks = [c.text for c in chunk_documents(load_tokenizer(model_path), documents, settings)]
-    return chunks[::max(1, len(chunks) // count)][:count]
+    documents = islice(read_documents("stdlib", "stdlib", on_bad_record="skip"), 0, count * 9, 9)
+    return [f"{d.title}\n{d.text}" for d in documents]
 
 
 def build_export(spec: ExportSpec, load: Callable[[], Any],
-                 calibration: Callable[[int], Sequence[str]] | None = None) -> Callable[[Path], dict]:
+                 calibration: Callable[[int], Sequence[str]] = default_calibration_texts) -> Callable[[Path], dict]:
     """The function that builds `spec`'s export into a directory (for `ensure_export`)."""
-    calibration = calibration or (lambda n: default_calibration_texts(n, spec.model_path, spec.max_seq_length))
 
     def build(out: Path) -> dict[str, Any]:
         if spec.backend == "static":
