@@ -11,6 +11,7 @@ Quality gate: the pipeline with the retrieval_eval asset on SciFact, whole_docum
 backend (a fresh instance each): nDCG@10 and Recall@100 beside torch fp32's.
 
     python bench/backends.py [--repeats 3] [--texts 1200] [--backends torch,onnx-int8,...] [--skip-quality]
+                             [--skip-speed --quality-backends torch,onnx-int8,openvino-int8]
 """
 
 import argparse
@@ -234,25 +235,39 @@ def main() -> None:
     parser.add_argument("--keep-quality", action="store_true", help="measure speed again and keep the quality "
                         "gate's figures already in bench/results/backends.json (written earlier today by this "
                         "script), measuring only the backends it lacks")
+    parser.add_argument("--skip-speed", action="store_true", help="run only the quality gate of "
+                        "--quality-backends (not timing-sensitive, so fit for a busy machine) and keep the speed "
+                        "figures and the other backends' quality already in bench/results/backends.json, flagged "
+                        "as from an earlier run")
     args = parser.parse_args()
     backends = args.backends.split(",")
     assert backends[0] == "torch", "torch fp32 is the reference: list it first"
+    assert not (args.skip_speed and (args.keep_quality or args.skip_quality)), "--skip-speed measures quality only"
     home = fresh_home("quiver-bench-backends-")
     export_dir = os.environ.get("QUIVER_EXPORT_DIR") or str(home / "exports")
     from resources.model_pool import ModelPool
 
     reference = ModelPool(threads=args.threads)
-    kept = json.loads(RESULTS_FILE.read_text())["quality"] if args.keep_quality else {}
-    corpora = {"default corpus": chunk_texts("stdlib", "stdlib", args.texts, reference),
-               "scifact": chunk_texts("beir", args.dataset, args.texts, reference)}
-    peak = matmul_peak(args.threads)
-    print(f"fp32 matmul probe {peak:.0f} GFLOP/s on {args.threads} thread(s)", flush=True)
-    results: dict[str, Any] = {"args": vars(args), "matmul_peak_gflops": peak,
-                               "speed": speed(backends, corpora, args.repeats, args.threads, export_dir),
+    earlier = json.loads(RESULTS_FILE.read_text()) if args.keep_quality or args.skip_speed else {}
+    measure = args.quality_backends.split(",") if args.quality_backends else backends
+    kept = earlier["quality"] if args.keep_quality else {}
+    if args.skip_speed:  # the other backends' quality figures stay as they were
+        kept = {b: q for b, q in earlier["quality"].items() if b not in measure}
+    if args.skip_speed:  # the speed rows are the earlier run's backends
+        args.backends, args.repeats, args.texts = (earlier["args"][k] for k in ("backends", "repeats", "texts"))
+        peak, measured = earlier["matmul_peak_gflops"], earlier["speed"]
+    else:
+        corpora = {"default corpus": chunk_texts("stdlib", "stdlib", args.texts, reference),
+                   "scifact": chunk_texts("beir", args.dataset, args.texts, reference)}
+        peak = matmul_peak(args.threads)
+        print(f"fp32 matmul probe {peak:.0f} GFLOP/s on {args.threads} thread(s)", flush=True)
+        measured = speed(backends, corpora, args.repeats, args.threads, export_dir)
+    results: dict[str, Any] = {"args": vars(args), "matmul_peak_gflops": peak, "speed": measured,
+                               "speed_kept_from_earlier_run": args.skip_speed,
                                "quality": kept, "quality_kept_from_earlier_run": bool(kept)}
     render(results, reference.model_path)  # what is measured so far is kept, whatever happens next
     if not args.skip_quality:
-        for backend in (args.quality_backends.split(",") if args.quality_backends else backends):
+        for backend in measure:
             if backend in kept:
                 continue
             if backend == "torch" and args.torch_quality_from:

@@ -9,7 +9,8 @@ quantization config and the versions of the libraries that made it:
 - `onnx-int8`: that fused graph with int8 weights per channel and int8 activations quantized at run time
   (onnxruntime's `quantize_dynamic`), `reduce_range` where the CPU lacks VNNI (as optimum's configs do);
 - `openvino`: the exported graph converted by OpenVINO, fp32;
-- `openvino-int8`: that graph statically quantized by NNCF (activation ranges calibrated on real chunk texts);
+- `openvino-int8`: that graph statically quantized by NNCF (activation ranges calibrated on real chunk texts),
+  the attention probabilities kept fp32 where they weigh the values (`INT8_RECIPES`);
 - `static`: a static embedding model distilled from the model by model2vec (one vector per token, averaged),
   saved as a sentence-transformers directory.
 
@@ -46,9 +47,22 @@ _LIBRARIES = {
     "static": ("transformers", "model2vec", "sentence-transformers", "tokenizers"),
 }
 DONE = "export.json"  # written last into an export: its presence means complete
-# How quiver/exporters.py makes exports (opset, fusion, int8 settings, NNCF preset, distillation): part of every
-# export's key, raised whenever a change there would make different exports.
+# How quiver/exporters.py makes exports (opset, fusion, distillation): part of every export's key, raised whenever
+# a change there would make different exports.
 EXPORT_RECIPE = 1
+# How the int8 backends are quantized (openvino-int8's exporter reads its settings from here): each backend's recipe
+# is part of its export's key, so a changed recipe makes a new export and model fingerprint, never reuses an old one.
+INT8_RECIPES: dict[str, dict[str, Any]] = {
+    "onnx-int8": {"weights": "int8 per channel", "activations": "int8, dynamic"},
+    "openvino-int8": {
+        "preset": "mixed", "model_type": "transformer", "smooth_quant_matmul": 0.95, "fast_bias_correction": True,
+        # The attention probabilities stay fp32 where they meet the values: int8 steps of 1/127 round most of a
+        # 256-token window's probabilities (about 1/256 each) to zero, the largest error int8 made on long chunks.
+        "fp32": "softmax x values matmuls",
+        # Default-corpus chunks cut to the window, or batches sorted by length, measured no closer to fp32.
+        "calibration": "default corpus documents, every ninth", "calibration_batch": 8,
+    },
+}
 ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"
 
@@ -126,7 +140,8 @@ class ExportSpec:
 
     def key(self) -> str:
         parts = [self.weights_sha256, self.backend, self.quantization if self.backend in INT8_BACKENDS else "",
-                 str(self.max_seq_length), json.dumps(self.versions), str(self.calibration_texts), str(EXPORT_RECIPE)]
+                 str(self.max_seq_length), json.dumps(self.versions), str(self.calibration_texts), str(EXPORT_RECIPE),
+                 json.dumps(INT8_RECIPES.get(self.backend), sort_keys=True)]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:20]
 
     def directory(self, cache_dir: Path) -> Path:

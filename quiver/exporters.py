@@ -16,7 +16,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from quiver.backends import DONE, ONNX_FILE, OPENVINO_FILE, ExportSpec, check_exportable, ensure_export
+from quiver.backends import (
+    DONE,
+    INT8_RECIPES,
+    ONNX_FILE,
+    OPENVINO_FILE,
+    ExportSpec,
+    check_exportable,
+    ensure_export,
+)
 from quiver.errors import ModelPoolError
 from quiver.settings import PROJECT_ROOT
 
@@ -86,21 +94,51 @@ def quantize_onnx_int8(model: Any, out: Path, quantization: str) -> dict[str, An
     return {**facts, "weights": "int8 per channel", "activations": "int8, dynamic", "reduce_range": reduce_range}
 
 
+def attention_value_matmuls(graph: Any) -> list[str]:
+    """The matmuls that weigh the values by attention probabilities: an input from a Softmax, through the
+    exporter's pass-through ops (the NaN guard's Select, reshapes, converts)."""
+    passing = ("Select", "Convert", "Reshape", "Transpose")
+
+    def from_softmax(node: Any, hops: int = 4) -> bool:
+        kind = node.get_type_name()
+        if kind == "Softmax":
+            return True
+        return hops > 0 and kind in passing and any(
+            from_softmax(i.get_source_output().get_node(), hops - 1) for i in node.inputs())
+
+    return [op.get_friendly_name() for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"
+            and any(from_softmax(i.get_source_output().get_node()) for i in op.inputs())]
+
+
 def export_openvino(model: Any, out: Path, calibration: Sequence[str] | None = None) -> dict[str, Any]:
-    """OpenVINO IR from the plain ONNX graph; statically quantized to int8 by NNCF on `calibration` texts."""
+    """OpenVINO IR from the plain ONNX graph; statically quantized to int8 by NNCF on `calibration` texts, by
+    the recipe in `INT8_RECIPES` (which is part of the export's key)."""
     import openvino as ov
 
     facts = export_onnx(model, out, fuse=False)
     graph = ov.convert_model(str(out / ONNX_FILE))
     if calibration is not None:
         import nncf
+        from nncf.quantization.advanced_parameters import (
+            AdvancedQuantizationParameters,
+            AdvancedSmoothQuantParameters,
+        )
 
+        recipe = INT8_RECIPES["openvino-int8"]
         names = facts["inputs"]
-        batches = [model.preprocess(list(calibration[i:i + 8])) for i in range(0, len(calibration), 8)]
+        size = int(recipe["calibration_batch"])
+        batches = [model.preprocess(list(calibration[i:i + size])) for i in range(0, len(calibration), size)]
         dataset = nncf.Dataset([{n: b[n].numpy() for n in names} for b in batches])
-        graph = nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                              preset=nncf.QuantizationPreset.MIXED, subset_size=len(batches))
-        facts.update(weights="int8", activations="int8, static (calibrated)", calibration_texts=len(calibration))
+        fp32 = attention_value_matmuls(graph)
+        graph = nncf.quantize(
+            graph, dataset, model_type=nncf.ModelType(recipe["model_type"]),
+            preset=nncf.QuantizationPreset(recipe["preset"]), subset_size=len(batches),
+            fast_bias_correction=bool(recipe["fast_bias_correction"]),
+            ignored_scope=nncf.IgnoredScope(names=fp32) if fp32 else None,
+            advanced_parameters=AdvancedQuantizationParameters(
+                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(recipe["smooth_quant_matmul"]))))
+        facts.update(weights="int8", activations="int8, static (calibrated)", calibration_texts=len(calibration),
+                     fp32_attention_value_matmuls=len(fp32), recipe=recipe)
     ov.save_model(graph, str(out / OPENVINO_FILE), compress_to_fp16=False)
     (out / ONNX_FILE).unlink()
     return facts

@@ -77,6 +77,53 @@ def test_each_compiled_backend_exports_offline_and_stays_close_to_fp32(
     assert (alone * vectors[:8]).sum(axis=1).min() >= 0.99
 
 
+def test_openvino_int8_keeps_the_attention_probabilities_fp32_and_long_chunks_close(
+        export_dir: Path, chunk_texts: list[str], fp32_vectors: np.ndarray) -> None:
+    """int8 steps of 1/127 would round most of a 256-token window's attention probabilities to zero: the matmuls
+    that weigh the values by them stay fp32, and the worst long chunk stays close to fp32."""
+    import openvino as ov
+
+    from quiver.backends import INT8_RECIPES
+    from quiver.exporters import attention_value_matmuls
+
+    pool = _pool("openvino-int8", export_dir)
+    vectors = pool.encode(chunk_texts)
+    export = Path(pool.describe()["model_export"])
+    record = json.loads((export / DONE).read_text())
+    layers = pool.state().base[0].auto_model.config.num_hidden_layers
+    assert record["fp32_attention_value_matmuls"] == layers and record["recipe"] == INT8_RECIPES["openvino-int8"]
+    graph = ov.Core().read_model(str(export / "model.xml"))
+    kept = attention_value_matmuls(graph)
+    assert len(kept) == layers
+    inputs = {op.get_friendly_name(): [i.get_source_output().get_node().get_type_name() for i in op.inputs()]
+              for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"}
+    assert all("FakeQuantize" not in inputs[name] for name in kept)
+    assert sum("FakeQuantize" in kinds for kinds in inputs.values()) == len(inputs) - layers  # the rest is int8
+    long = [i for i, t in enumerate(chunk_texts) if len(pool.tokenizer()(t)["input_ids"]) >= 200]
+    assert len(long) >= 100
+    cosine = (vectors[long] * fp32_vectors[long]).sum(axis=1)
+    assert cosine.mean() >= 0.994 and cosine.min() >= 0.987, (cosine.mean(), cosine.min())  # was 0.990, 0.983
+
+
+def test_the_export_key_follows_the_int8_recipe(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed quantization recipe makes a new export and a new model fingerprint, never reuses the old."""
+    from quiver import backends
+
+    pools = {b: _pool(b, export_dir) for b in ("torch", "onnx", "onnx-int8", "openvino-int8")}
+
+    def keys() -> dict[str, tuple[str, Path | None]]:
+        return {b: (p.fingerprint(), spec.directory(export_dir) if (spec := p.export_spec()) else None)
+                for b, p in pools.items()}
+
+    before = keys()
+    changed = {**backends.INT8_RECIPES["openvino-int8"], "smooth_quant_matmul": 0.5}
+    monkeypatch.setitem(backends.INT8_RECIPES, "openvino-int8", changed)
+    after = keys()
+    assert after["openvino-int8"][0] != before["openvino-int8"][0]  # the model fingerprint: caches apart
+    assert after["openvino-int8"][1] != before["openvino-int8"][1]  # the export: made anew
+    assert all(after[b] == before[b] for b in ("torch", "onnx", "onnx-int8"))  # only its own exports change
+
+
 def test_static_backend_is_distilled_offline_and_encodes(export_dir: Path, chunk_texts: list[str]) -> None:
     pool = _pool("static", export_dir)
     vectors = pool.encode(chunk_texts)
