@@ -9,7 +9,12 @@
    older version after a newer one);
 3. `quiver search` end to end, through the server (QUIVER_SERVER_URL) and standalone.
 
-    python bench/serve.py [--seconds 8] [--repeats 2] [--levels 1,8,32,128] [--swaps 5] [--limit-docs N] [--home DIR]
+    python bench/serve.py [--backend torch] [--seconds 8] [--repeats 2] [--levels 1,8,32,128] [--swaps 5]
+                          [--limit-docs N] [--home DIR]
+
+`--backend` (QUIVER_MODEL_BACKEND: torch, onnx-int8, openvino-int8, ...) is the model backend the home is indexed
+with and every server and publisher runs with (a server refuses an index of another backend's fingerprint); the
+tables and serve.json say which.
 """
 
 import argparse
@@ -27,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PROJECT, fresh_home, median, print_table, write_results, write_stdlib_subset  # noqa: E402
 from bench.serve_process import QUIVER, ServerProcess  # noqa: E402
+from quiver.backends import BACKENDS  # noqa: E402
 
 QUERIES = ["how do I parse json", "read a csv file", "sort a list of dictionaries by a key",
            "run a subprocess and read its output", "parse command line arguments", "format a date as a string",
@@ -37,6 +43,7 @@ QUERIES = ["how do I parse json", "read a csv file", "sort a list of dictionarie
            "copy a file with its metadata", "log messages to a file", "replace a function in a unit test",
            "wait for several asyncio tasks", "dataclass field with a default factory", "enum with string values"]
 MARKER_QUERY = "Quiver hot swap marker document"
+BACKEND_ENV = "QUIVER_MODEL_BACKEND"  # read by the model pool of every process the benchmark starts
 K = 10
 
 
@@ -151,7 +158,8 @@ def load_levels(home: Path, levels: list[int], seconds: float, repeats: int, log
         for server in servers.values():
             server.start()
         for server in servers.values():
-            server.wait_ready()
+            model = server.wait_ready()["model"]
+            assert model.endswith(f"backend {os.environ[BACKEND_ENV]}"), f"the server runs {model}"
             asyncio.run(drive(server.url, 8, 2.0))  # warm-up, not counted
         for clients in levels:
             for repeat in range(repeats):
@@ -296,6 +304,8 @@ def cli_search(home: Path, repeats: int, log: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="torch", choices=BACKENDS, help="the model backend the index is "
+                        "built with and the servers run (default torch)")
     parser.add_argument("--seconds", type=float, default=8.0, help="load per level and batching mode")
     parser.add_argument("--levels", default="1,8,32,128", help="concurrent clients, comma-separated")
     parser.add_argument("--repeats", type=int, default=2, help="runs per level and mode, in alternating order")
@@ -307,6 +317,7 @@ def main() -> None:
     parser.add_argument("--home", help="reuse a home this benchmark built before")
     parser.add_argument("--publish-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ[BACKEND_ENV] = args.backend  # before any model pool reads it, here or in a process started here
     if args.publish_worker:
         publish_worker(Path(args.home))
         return
@@ -315,6 +326,10 @@ def main() -> None:
 
     store = build_resources(resolve_env=True)["faiss_store"]
     manifest = store.manifest(store.current_version())
+    pool = build_resources(resolve_env=True)["model_pool"]
+    if manifest.get("model_fingerprints") != [pool.fingerprint()]:
+        raise SystemExit(f"the index at {home} was not built with backend {args.backend}: give --home of a run "
+                         "with that backend, or none")
     levels = [int(n) for n in args.levels.split(",")]
     logs = home / "bench-logs"
     logs.mkdir(exist_ok=True)
@@ -342,13 +357,19 @@ def main() -> None:
         {"measure": "quiver search through the server, end to end (median of 5)",
          "value": f"{cli['through_server_median_s']:.2f}s (standalone {cli['standalone_s']:.1f}s)",
          "target": "< 1 s", "met": cli["through_server_median_s"] < 1}]
-    headers = ["batching", "clients", "requests", "errors", "qps", "p50_ms", "p95_ms", "p99_ms", "mean_batch"]
-    table1 = print_table(f"quiver serve on the default corpus's index ({manifest['ntotal']} vectors, "
-                         f"{manifest['index_type']}), k={K} documents, {args.seconds:g} s per level and mode, "
-                         f"medians of {args.repeats} in alternating order",
+    # Every row says its model backend: a table pasted alone still says which backend it measured.
+    rows = [{"backend": args.backend, **r} for r in rows]
+    targets = [{"backend": args.backend, **t} for t in targets]
+    headers = ["backend", "batching", "clients", "requests", "errors", "qps", "p50_ms", "p95_ms", "p99_ms",
+               "mean_batch"]
+    table1 = print_table(f"quiver serve, model backend {args.backend}, on the default corpus's index "
+                         f"({manifest['ntotal']} vectors, {manifest['index_type']}), k={K} documents, "
+                         f"{args.seconds:g} s per level and mode, medians of {args.repeats} in alternating order",
                          headers, [[r[h] for h in headers] for r in rows])
-    table2 = print_table("Targets", ["measure", "value", "target", "met"], [list(t.values()) for t in targets])
-    write_results("serve", {"args": vars(args), "vectors": manifest["ntotal"], "index_type": manifest["index_type"],
+    table2 = print_table(f"Targets, model backend {args.backend}", ["backend", "measure", "value", "target", "met"],
+                         [list(t.values()) for t in targets])
+    write_results("serve", {"backend": args.backend, "model": pool.model, "model_fingerprint": pool.fingerprint(),
+                            "args": vars(args), "vectors": manifest["ntotal"], "index_type": manifest["index_type"],
                             "k": K, "levels": rows, "runs": runs, "swaps": swaps, "cli": cli, "targets": targets,
                             "table": table1 + "\n" + table2})
 

@@ -120,7 +120,9 @@ class Service:
         started = time.perf_counter()
         try:
             self.pool.loaded()
-            self.pool.encode(["warm up"])
+            # Every batch encodes with the model this server's fingerprint names, found once here.
+            self.engine.encode = self.pool.encoder(self.fingerprint)
+            self.engine.encode(["warm up"])
         except Exception as exc:  # noqa: BLE001 - the server stays up, not ready, and says why
             self.model_problem = f"the model could not be loaded: {type(exc).__name__}: {exc}"
             log.error(self.model_problem)

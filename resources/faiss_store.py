@@ -10,9 +10,9 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Literal
 
@@ -63,14 +63,23 @@ class FaissVersion:
         scores, ids = search_index(self.index, queries, k, only)
         found = [[(float(score), int(vid)) for score, vid in zip(row_scores, row_ids, strict=True) if vid >= 0]
                  for row_scores, row_ids in zip(scores, ids, strict=True)]
-        rows = pa.array([self.row_of[vid] for hits in found for _, vid in hits], pa.int64())
-        values = {name: self.payload.column(name).take(rows).to_pylist() for name in fields}
+        values = self._payload_of([vid for hits in found for _, vid in hits], fields)
         results, at = [], 0
         for hits in found:
             results.append([SearchHit(score, vid, *(values[c][at + i] if c in values else "" for c in HIT_FIELDS))
                             for i, (score, vid) in enumerate(hits)])
             at += len(hits)
         return results
+
+    def filled(self, hits: Sequence[SearchHit], fields: tuple[str, ...] = HIT_FIELDS) -> list[SearchHit]:
+        """The hits with these payload fields read in (one read for all of them): a search asks only for the
+        fields it ranks by, then only the hits it shows are filled."""
+        values = self._payload_of([h.vector_id for h in hits], fields)
+        return [replace(hit, **{name: values[name][i] for name in fields}) for i, hit in enumerate(hits)]
+
+    def _payload_of(self, vector_ids: list[int], fields: tuple[str, ...]) -> dict[str, list[Any]]:
+        rows = pa.array([self.row_of[vid] for vid in vector_ids], pa.int64())
+        return {name: self.payload.column(name).take(rows).to_pylist() for name in fields}
 
 
 def _started_at(draft: UPath) -> float:

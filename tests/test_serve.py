@@ -372,3 +372,50 @@ def test_the_model_threads_sleep_between_forward_passes(served: Served) -> None:
     ready = served.server.get("/readyz")[1]
     assert ready["omp_wait_policy"] == "PASSIVE"
     assert isinstance(ready["model_threads"], int) and ready["model_threads"] >= 1
+
+
+class _CountedTable:
+    """A payload table that counts the rows read of each column (a stand-in for the FAISS version's)."""
+
+    def __init__(self, table: Any, reads: dict[str, int]) -> None:
+        self.table, self.reads = table, reads
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.table, name)
+
+    def column(self, name: str) -> Any:
+        column, reads = self.table.column(name), self.reads
+        return type("Counted", (), {"__getattr__": lambda _, a: getattr(column, a), "take": lambda _, rows: (
+            reads.__setitem__(name, reads.get(name, 0) + len(rows)), column.take(rows))[1]})()
+
+
+def test_a_batch_reads_the_titles_and_texts_of_the_hits_it_shows_only(served: Served) -> None:
+    from platform_defs.cli import search
+    from quiver.serving.engine import SearchEngine
+    from quiver.serving.requests import SearchRequest
+    from quiver.serving.watcher import IndexWatcher
+
+    watcher, reads = IndexWatcher(served.resources["faiss_store"]), {}
+    assert watcher.refresh() and watcher.current is not None
+    watcher.current.index.payload = _CountedTable(watcher.current.index.payload, reads)
+    engine = SearchEngine(served.resources["model_pool"].encode, watcher, None, set)  # type: ignore[arg-type]
+    answers = engine.run_batch([SearchRequest((q,), k=3, documents=True) for q in QUERIES])
+    assert [a["hits"] for a in answers] == [search(q, 3, "faiss") for q in QUERIES]  # type: ignore[index]
+    # Documents are ranked from 20 chunks a query; only the 3 shown of each are read in full.
+    assert reads["doc_id"] == 20 * len(QUERIES) and reads["title"] == reads["text"] == 3 * len(QUERIES)
+
+
+def test_a_servers_batches_encode_without_hashing_the_model_again(served: Served,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool.encode hashes the model's files (for its fingerprint) at every call; the server's encoder finds its
+    model once, and encodes exactly as the pool does."""
+    import numpy as np
+
+    import resources.model_pool as model_pool
+
+    pool = served.resources["model_pool"]
+    expected, hashed, real = pool.encode(QUERIES), [], model_pool.weights_hash
+    encode = pool.encoder(pool.fingerprint())
+    monkeypatch.setattr(model_pool, "weights_hash", lambda path: hashed.append(path) or real(path))
+    assert np.array_equal(encode(QUERIES), expected) and hashed == []
+    assert len(pool.encode(QUERIES)) == 3 and len(hashed) == 2  # what each batch cost

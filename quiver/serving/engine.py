@@ -10,11 +10,12 @@ import numpy as np
 
 from quiver.errors import QuiverError
 from quiver.serving.requests import SearchRequest, ServeError
-from quiver.serving.results import chunk_results, document_results, fetch_depth
+from quiver.serving.results import RANK_FIELDS, SHOWN_FIELDS, Picked, fetch_depth, pick, result_rows
 from quiver.serving.watcher import IndexWatcher
 from quiver.vectors import SearchHit
 
 Search = Callable[[np.ndarray, int, str | None], list[list[SearchHit]]]
+Fill = Callable[[list[SearchHit]], list[SearchHit]]  # the hits with every payload field (in the same order)
 
 
 class MilvusReader(Protocol):
@@ -57,9 +58,9 @@ class SearchEngine:
             if not asked:
                 continue
             try:
-                with self._reading(store) as (search, held, version):
+                with self._reading(store) as (search, fill, held, version):
                     known = held | self.registered_sources()
-                    for i, answer in self._answer([requests[i] for i in asked], vectors, row, search, known,
+                    for i, answer in self._answer([requests[i] for i in asked], vectors, row, search, fill, known,
                                                   version):
                         answers[asked[i]] = answer
             except ServeError as exc:
@@ -79,15 +80,18 @@ class SearchEngine:
         width = next((len(r) for r in rows if r is not None), 1)
         return np.stack([r if r is not None else np.zeros(width, np.float32) for r in rows]), failed
 
-    def _reading(self, store: str) -> AbstractContextManager[tuple[Search, frozenset[str], str | None]]:
+    def _reading(self, store: str) -> AbstractContextManager[tuple[Search, Fill, frozenset[str], str | None]]:
         return _faiss_reading(self.faiss) if store == "faiss" else _milvus_reading(self.milvus, self.faiss)
 
     @staticmethod
     def _answer(requests: list[SearchRequest], vectors: np.ndarray, row: dict[str, int], search: Search,
-                known: set[str] | frozenset[str], version: str | None) -> Iterator[tuple[int, Any]]:
+                fill: Fill, known: set[str] | frozenset[str], version: str | None) -> Iterator[tuple[int, Any]]:
+        """One search per source for the requests of a store; then the hits the answers show (not the deeper
+        candidates documents are ranked from) read their titles and texts, in one read for the batch."""
         by_source: dict[str | None, list[int]] = {}
         for i, request in enumerate(requests):
             by_source.setdefault(request.source, []).append(i)
+        picked: dict[int, list[Picked]] = {}
         for source, members in by_source.items():
             if source is not None and source not in known:
                 error = ServeError(422, f"unknown source {source!r}: the sources are {', '.join(sorted(known))}")
@@ -98,17 +102,22 @@ class SearchEngine:
             hits = search(vectors[[row[t] for t in texts]], depth, source)  # one search for the whole group
             found = dict(zip(texts, hits, strict=True))
             for i in members:
-                yield i, _response(requests[i], found, version)
+                r = requests[i]
+                picked[i] = [pick(found[q][:fetch_depth(r.k, r.documents)], r.k, r.documents, r.aggregation)
+                             for q in r.queries]
+        shown = fill([hit for lists in picked.values() for one in lists for hit, _ in one])
+        at = 0
+        for i, lists in picked.items():
+            filled = []
+            for one in lists:
+                filled.append([(hit, score) for hit, (_, score) in zip(shown[at:at + len(one)], one, strict=True)])
+                at += len(one)
+            yield i, _response(requests[i], filled, version)
 
 
-def _response(request: SearchRequest, found: dict[str, list[SearchHit]], version: str | None) -> dict[str, Any]:
-    depth = fetch_depth(request.k, request.documents)
-    results = []
-    for query in request.queries:
-        hits = found[query][:depth]
-        shown = document_results(hits, request.k, request.aggregation) if request.documents else chunk_results(
-            hits, request.k)
-        results.append({"query": query, "index_version": version, "hits": shown})
+def _response(request: SearchRequest, picked: list[Picked], version: str | None) -> dict[str, Any]:
+    results = [{"query": query, "index_version": version, "hits": result_rows(one)}
+               for query, one in zip(request.queries, picked, strict=True)]
     answer: dict[str, Any] = {"store": request.store, "index_version": version, "k": request.k,
                               "documents": request.documents, "results": results}
     if request.single:
@@ -117,17 +126,21 @@ def _response(request: SearchRequest, found: dict[str, list[SearchHit]], version
 
 
 @contextmanager
-def _faiss_reading(watcher: IndexWatcher) -> Iterator[tuple[Search, frozenset[str], str | None]]:
-    """The served FAISS version, held for the batch (a swap meanwhile leaves it open until the batch is done)."""
+def _faiss_reading(watcher: IndexWatcher) -> Iterator[tuple[Search, Fill, frozenset[str], str | None]]:
+    """The served FAISS version, held for the batch (a swap meanwhile leaves it open until the batch is done);
+    its search reads what ranking needs, and the hits shown are filled from the same version."""
     with watcher.use() as served:
-        yield served.index.search, served.sources, served.name
+        index = served.index
+        yield (lambda queries, k, source: index.search(queries, k, source, fields=RANK_FIELDS)), (
+            lambda hits: index.filled(hits, SHOWN_FIELDS)), served.sources, served.name
 
 
 @contextmanager
-def _milvus_reading(milvus: MilvusReader, faiss: IndexWatcher) -> Iterator[tuple[Search, frozenset[str], None]]:
+def _milvus_reading(milvus: MilvusReader, faiss: IndexWatcher) -> Iterator[tuple[Search, Fill, frozenset[str], None]]:
     """The Milvus collection for the batch (a Milvus Lite database is taken for the batch and given back after);
     its sources are known from the served FAISS version, which the same index job writes. Milvus updates its
-    collection in place: an answer from it names no version."""
+    collection in place: an answer from it names no version, and its hits come with their payload (a second
+    read could see another state of the collection)."""
     served = faiss.current
     with milvus.turn():
-        yield milvus.search, served.sources if served is not None else frozenset(), None
+        yield milvus.search, list, served.sources if served is not None else frozenset(), None

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from quiver.retrieval import Aggregation, top_documents
-from quiver.vectors import SearchHit
+from quiver.vectors import HIT_FIELDS, SearchHit
 
 
 def fetch_depth(k: int, documents: bool) -> int:
@@ -23,13 +23,19 @@ def hit_row(rank: int, hit: SearchHit, score: float) -> dict[str, Any]:
             "chunk_id": hit.chunk_id, "snippet": hit.snippet()}
 
 
-def chunk_results(hits: Sequence[SearchHit], k: int) -> list[dict[str, Any]]:
-    """The k best chunks, best first."""
-    return [hit_row(rank, hit, hit.score) for rank, hit in enumerate(hits[:k], start=1)]
+Picked = list[tuple[SearchHit, float]]  # the hits shown, best first, each with the score shown
+RANK_FIELDS = ("doc_id", "source")  # what ranking reads of a hit; the shown hits' other fields are read after
+SHOWN_FIELDS = tuple(f for f in HIT_FIELDS if f not in RANK_FIELDS)
 
 
-def document_results(hits: Sequence[SearchHit], k: int, aggregation: Aggregation = "max") -> list[dict[str, Any]]:
-    """The k best documents among chunk hits, each shown by its best chunk, scored by the aggregation of its
-    chunks' scores (`quiver.retrieval.top_documents`, what `quiver search` and retrieval_eval rank by)."""
-    ranked = top_documents(hits, k, document=document_key, score=lambda h: h.score, aggregation=aggregation)
-    return [hit_row(rank, hit, score) for rank, (hit, score) in enumerate(ranked, start=1)]
+def pick(hits: Sequence[SearchHit], k: int, documents: bool, aggregation: Aggregation = "max") -> Picked:
+    """The k best chunks, or the k best documents among chunk hits, each shown by its best chunk and scored by
+    the aggregation of its chunks' scores (`quiver.retrieval.top_documents`, what `quiver search` and
+    retrieval_eval rank by); best first."""
+    if not documents:
+        return [(hit, hit.score) for hit in hits[:k]]
+    return top_documents(hits, k, document=document_key, score=lambda h: h.score, aggregation=aggregation)
+
+
+def result_rows(picked: Picked) -> list[dict[str, Any]]:
+    return [hit_row(rank, hit, score) for rank, (hit, score) in enumerate(picked, start=1)]
