@@ -220,7 +220,7 @@ async def swaps_under_load(home: Path, swaps: int, clients: int, grace_s: float,
     start = int(json.loads((home / "swaps.jsonl").read_text())["id"].removeprefix("marker-"))  # a reused home's
     worker = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--publish-worker", "--home", str(home), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=PROJECT,
+        stdout=asyncio.subprocess.PIPE, stderr=Path(f"{log}.publisher").open("wb"), cwd=PROJECT,
         env={**os.environ, "DAGSTER_HOME": str(home)})
     assert worker.stdin is not None and worker.stdout is not None
     assert json.loads(await worker.stdout.readline()) == {"ready": True}
@@ -230,13 +230,18 @@ async def swaps_under_load(home: Path, swaps: int, clients: int, grace_s: float,
     stop = asyncio.Event()
 
     async def publish() -> None:
-        await asyncio.sleep(2)
-        for n in range(start + 1, start + swaps + 1):
-            worker.stdin.write(f"{n}\n".encode())  # type: ignore[union-attr]
-            published.append(json.loads(await worker.stdout.readline()))  # type: ignore[union-attr]
-            print(f"published version {n}: {published[-1]['version']}", flush=True)
+        try:
             await asyncio.sleep(2)
-        stop.set()
+            for n in range(start + 1, start + swaps + 1):
+                worker.stdin.write(f"{n}\n".encode())  # type: ignore[union-attr]
+                line = await worker.stdout.readline()  # type: ignore[union-attr]
+                if not line:  # the publisher died: stop the clients instead of waiting for a version forever
+                    raise RuntimeError(f"the publisher exited before version {n} (its log: {log}.publisher)")
+                published.append(json.loads(line))
+                print(f"published version {n}: {published[-1]['version']}", flush=True)
+                await asyncio.sleep(2)
+        finally:
+            stop.set()
 
     started = time.perf_counter()
     publisher = asyncio.create_task(publish())
