@@ -96,12 +96,10 @@ class PreviousChunks:
 def previous_chunks(store: FileStore, partition: str, chunking: str) -> PreviousChunks | None:
     """The partition's last chunks, when they were made with this chunking from documents still intact; None
     otherwise (or when a document id is not unique there, or they are too many to hold)."""
-    found = store.remembered_refs(["chunks"], partition, REUSE_RECORD)
+    found = store.remembered_refs(["chunks"], partition, REUSE_RECORD, max_bytes=REUSE_MAX_FILE_BYTES)
     if found is None or found[1].get("chunking") != chunking or set(found[0]) != {"chunks", "documents"}:
         return None
     refs = found[0]
-    if refs["chunks"].bytes + refs["documents"].bytes > REUSE_MAX_FILE_BYTES:
-        return None
     docs = store.read_table(refs["documents"], columns=["doc_id", "title", "text"])
     ids, titles, texts = (docs.column(c).to_pylist() for c in ("doc_id", "title", "text"))
     digests = {d: document_hash(title, text) for d, title, text in zip(ids, titles, texts, strict=True)}
