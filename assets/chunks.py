@@ -36,8 +36,8 @@ DOCS_PER_BATCH = 512
 REUSE_RECORD = "reuse"  # _cache/chunks/<source>/reuse.json: the last output, its documents and its chunking
 # Previous chunks and documents files larger than this together are not read to take rows from (every document
 # is chunked again then): what is held stays under REUSE_MEMORY_FACTOR times it (quiver.needs.light_need).
-REUSE_MAX_FILE_BYTES = 8 * 2**20
-REUSE_MEMORY_FACTOR = 8  # zstd Parquet of text, as Arrow columns and Python strings
+REUSE_MAX_FILE_BYTES = 2 * 2**20
+REUSE_MEMORY_FACTOR = 32  # zstd Parquet of text (3-5x and more on repetitive text), as Arrow columns and Python strings
 
 CHUNKS_SCHEMA = pa.schema([
     ("chunk_id", pa.string()),
