@@ -36,8 +36,8 @@ DOCS_PER_BATCH = 512
 REUSE_RECORD = "reuse"  # _cache/chunks/<source>/reuse.json: the last output, its documents and its chunking
 # Previous chunks and documents files larger than this together are not read to take rows from (every document
 # is chunked again then): what is held stays under REUSE_MEMORY_FACTOR times it (quiver.needs.light_need).
-REUSE_MAX_FILE_BYTES = 8 * 2**20
-REUSE_MEMORY_FACTOR = 8  # zstd Parquet of text, as Arrow columns and Python strings
+REUSE_MAX_FILE_BYTES = 2 * 2**20
+REUSE_MEMORY_FACTOR = 32  # zstd Parquet of text (3-5x and more on repetitive text), as Arrow columns and Python strings
 
 CHUNKS_SCHEMA = pa.schema([
     ("chunk_id", pa.string()),
@@ -96,12 +96,10 @@ class PreviousChunks:
 def previous_chunks(store: FileStore, partition: str, chunking: str) -> PreviousChunks | None:
     """The partition's last chunks, when they were made with this chunking from documents still intact; None
     otherwise (or when a document id is not unique there, or they are too many to hold)."""
-    found = store.remembered_refs(["chunks"], partition, REUSE_RECORD)
+    found = store.remembered_refs(["chunks"], partition, REUSE_RECORD, max_bytes=REUSE_MAX_FILE_BYTES)
     if found is None or found[1].get("chunking") != chunking or set(found[0]) != {"chunks", "documents"}:
         return None
     refs = found[0]
-    if refs["chunks"].bytes + refs["documents"].bytes > REUSE_MAX_FILE_BYTES:
-        return None
     docs = store.read_table(refs["documents"], columns=["doc_id", "title", "text"])
     ids, titles, texts = (docs.column(c).to_pylist() for c in ("doc_id", "title", "text"))
     digests = {d: document_hash(title, text) for d, title, text in zip(ids, titles, texts, strict=True)}

@@ -11,6 +11,7 @@ Used in place of the one-step asset when QUIVER_EMBED_SHARD_ROWS is set (platfor
 """
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -43,6 +44,7 @@ from assets.common import (
 from assets.embed_pipeline import embed_partition_vectors
 from assets.embeddings import EMBEDDINGS_DESCRIPTION, EmbeddingsConfig
 from assets.reporting import PartitionResult, Report
+from quiver.errors import ConfigError
 from quiver.hashing import sha256_json
 from quiver.names import check_source_name
 from quiver.shards import shard_count, split_batches
@@ -72,7 +74,10 @@ def _op_args(memory: str) -> dict[str, Any]:
 
 
 def _code_version(context: OpExecutionContext) -> str:
-    return context.assets_def.code_versions_by_key.get(EMBEDDINGS) or ""
+    version = context.assets_def.code_versions_by_key.get(EMBEDDINGS)
+    if not version:  # an empty version would let a shard's output outlive a code change
+        raise ConfigError("embeddings has no code version: build the assets with assets.common.with_code_versions")
+    return version
 
 
 def _partitions(context: OpExecutionContext) -> list[str]:
@@ -86,7 +91,7 @@ def plan_embedding_shards(context: OpExecutionContext, config: ShardPlanConfig, 
     """Each partition's chunks, split into shard files by document id; one dynamic output per shard."""
     rows_per_shard = config.shard_rows or shard_rows_from_env()
     upstream = refs_by_partition(chunks, _partitions(context))
-    for partition in _partitions(context):
+    for position, partition in enumerate(_partitions(context)):
         ref = upstream[partition]
         previous = store.read_latest(["embeddings"], partition)
         count = shard_count(ref.rows, rows_per_shard, len(previous.parts) if previous is not None else 0)
@@ -103,7 +108,7 @@ def plan_embedding_shards(context: OpExecutionContext, config: ShardPlanConfig, 
         for shard, shard_chunks in enumerate(refs):
             yield DynamicOutput({"partition": partition, "shard": shard, "of": count,
                                  "chunks": shard_chunks.to_json(), "source_chunks": ref.sha256},
-                                mapping_key=f"{partition.replace('-', '_')}_{shard}")
+                                mapping_key=f"p{position}_{re.sub(r'[^A-Za-z0-9_]', '_', partition)}_{shard}")
 
 
 class ShardConfig(EmbeddingsConfig):

@@ -343,12 +343,16 @@ class FileStore(ConfigurableResource):
         self.cache_put(asset, partition, name, {"refs": {k: self._to_stored(r) for k, r in refs.items()},
                                                 "facts": facts})
 
-    def remembered_refs(self, asset: Iterable[str], partition: str | None,
-                        name: str) -> tuple[dict[str, FileRef], dict[str, Any]] | None:
-        """What `remember_refs` recorded under `name`, if every file is still there, unchanged; else None."""
+    def remembered_refs(self, asset: Iterable[str], partition: str | None, name: str,
+                        max_bytes: int | None = None) -> tuple[dict[str, FileRef], dict[str, Any]] | None:
+        """What `remember_refs` recorded under `name`, if every file is still there, unchanged, and together at
+        most `max_bytes` (checked before any file is hashed); else None."""
         payload = self.cache_get(asset, partition, name)
         try:
-            refs = {k: self.check(self._from_stored(v)) for k, v in payload["refs"].items()} if payload else None
+            stored = {k: self._from_stored(v) for k, v in payload["refs"].items()} if payload else None
+            if stored is not None and max_bytes is not None and sum(r.bytes for r in stored.values()) > max_bytes:
+                return None
+            refs = {k: self.check(r) for k, r in stored.items()} if stored is not None else None
         except (FileRefError, TypeError, KeyError, AttributeError):
             return None
         return (refs, dict(payload.get("facts") or {})) if refs is not None and payload else None

@@ -219,22 +219,22 @@ def test_a_sharded_source_equals_the_unsharded_one_and_a_small_change_touches_it
     sharded = _sharded_assets()
     docs = {d["id"]: d for d in _corpus(48)}
     file = write_jsonl(tmp_path / "big.jsonl", list(docs.values()))
-    add_source(instance, resources, "big", file)
-    plain = _embedding_rows(resources, "big") if ingest(instance, resources, "big", SMALL_CHUNKS) else None
+    add_source(instance, resources, "big.v2", file)
+    plain = _embedding_rows(resources, "big.v2") if ingest(instance, resources, "big.v2", SMALL_CHUNKS) else None
     config = {"ops": {**SMALL_CHUNKS["ops"], "embeddings": {"ops": {
         "plan_embedding_shards": {"config": {"shard_rows": 10}}}}}}
 
     def ingest_sharded() -> Any:
-        return materialize(sharded, instance=instance, resources=resources, partition_key="big",
+        return materialize(sharded, instance=instance, resources=resources, partition_key="big.v2",
                            selection=list(INGEST_ASSETS), run_config=config)
 
     first = ingest_sharded()
     meta = metadata(first, "embeddings")
-    ref = resources["store"].read_latest(["embeddings"], "big")
+    ref = resources["store"].read_latest(["embeddings"], "big.v2")
     assert meta["shards"] == len(ref.parts) >= 8 and ref.rows == len(plain)
     assert sum(1 for e in first.all_events if e.is_step_success and e.step_key.startswith(
         "embeddings.embed_shard[")) == meta["shards"]
-    rows = _embedding_rows(resources, "big")
+    rows = _embedding_rows(resources, "big.v2")
     assert set(rows) == set(plain)
     for vid, row in rows.items():  # the same vectors, ids, keys and payload as the one-step asset's
         assert {k: v for k, v in row.items() if k != "vector"} == {k: v for k, v in plain[vid].items()
@@ -254,8 +254,8 @@ def test_a_sharded_source_equals_the_unsharded_one_and_a_small_change_touches_it
                          selection=list(INDEX_ASSETS))
     checks = check_results(result)
     assert all(checks[name].passed for name in CHECKS)
-    assert_stores_exact(resources, {"big": docs})
-    assert chunk_rows(resources, "big").keys() == _embedding_rows(resources, "big").keys()
+    assert_stores_exact(resources, {"big.v2": docs})
+    assert chunk_rows(resources, "big.v2").keys() == _embedding_rows(resources, "big.v2").keys()
 
 
 def test_shard_steps_run_at_most_the_model_limit_at_once(tmp_path: Path, quiver_home: Path, instance: Any,
