@@ -147,3 +147,8 @@ def run_on_a_terminal(args: list[str], env: dict[str, str], cwd: Path, timeout: 
         reader.join(timeout=10)
         os.close(master)
     return subprocess.CompletedProcess(args, proc.returncode, stdout, ""), b"".join(seen).decode(errors="replace")
+
+
+# Small chunks (many per document) and the two reconciliation checks, as the incremental tests use them.
+SMALL_CHUNKS = {"ops": {"chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}}}
+CHECKS = ("faiss_index:matches_chunks", "milvus_collection:matches_chunks")

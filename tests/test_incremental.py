@@ -23,6 +23,8 @@ from resources.milvus_clients import close_milvus_clients
 from resources.model_pool import ModelPool
 from tests.conftest import PROJECT
 from tests.helpers import (
+    CHECKS,
+    SMALL_CHUNKS,
     add_source,
     assert_stores_exact,
     check_results,
@@ -34,9 +36,6 @@ from tests.helpers import (
     scifact_docs,
     write_jsonl,
 )
-
-SMALL_CHUNKS = {"ops": {"chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}}}
-CHECKS = ("faiss_index:matches_chunks", "milvus_collection:matches_chunks")
 
 
 def _corpus(n: int, start: int = 0, chars: int = 450) -> list[dict[str, Any]]:

@@ -12,6 +12,8 @@ import resources.embedding_cache as ec
 from resources.embedding_cache import pack_entry, text_sha
 from resources.milvus_store import MilvusStore
 from tests.helpers import (
+    CHECKS,
+    SMALL_CHUNKS,
     add_source,
     assert_stores_exact,
     check_results,
@@ -23,8 +25,6 @@ from tests.helpers import (
     write_jsonl,
 )
 
-SMALL_CHUNKS = {"ops": {"chunks": {"config": {"chunk_tokens": 64, "overlap_tokens": 8}}}}
-CHECKS = ("faiss_index:matches_chunks", "milvus_collection:matches_chunks")
 DIM = 4
 
 
