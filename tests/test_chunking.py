@@ -117,16 +117,24 @@ def test_only_changed_documents_are_chunked_again_into_the_same_output(quiver_ho
     assert forced_ref.sha256 == ref.sha256 and forced_ref.rows == ref.rows == second["chunks"]
 
 
-def test_other_chunker_code_or_settings_chunk_every_document_again(quiver_home, instance, resources,  # noqa: ANN001
-                                                                   tmp_path) -> None:  # noqa: ANN001
-    from platform_defs.definitions import ALL_ASSETS
+def _chunked_then_first_revised(instance, resources, tmp_path, count: int):  # noqa: ANN001, ANN202
+    """A source "s" of `count` SciFact documents, chunked once, then its first document's text revised on disk."""
     from tests.helpers import add_source, scifact_docs, write_jsonl
 
-    docs = scifact_docs(5)
+    docs = scifact_docs(count)
     path = write_jsonl(tmp_path / "s.jsonl", docs)
     add_source(instance, resources, "s", path)
     _chunk_run(instance, resources, "s")
     write_jsonl(path, [{**docs[0], "text": docs[0]["text"] + " Revised."}, *docs[1:]])
+    return docs, path
+
+
+def test_other_chunker_code_or_settings_chunk_every_document_again(quiver_home, instance, resources,  # noqa: ANN001
+                                                                   tmp_path) -> None:  # noqa: ANN001
+    from platform_defs.definitions import ALL_ASSETS
+    from tests.helpers import write_jsonl
+
+    docs, path = _chunked_then_first_revised(instance, resources, tmp_path, 5)
     # The chunker's code changed: its code version (and cache keys) with it, so no previous row is taken.
     edited = [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version="edited-chunker")
                                 if spec.key.path[-1] == "chunks" else spec) for a in ALL_ASSETS]
@@ -144,13 +152,8 @@ def test_other_chunker_code_or_settings_chunk_every_document_again(quiver_home, 
 def test_a_previous_output_too_large_to_hold_is_not_read(quiver_home, instance, resources, tmp_path,  # noqa: ANN001
                                                          monkeypatch) -> None:  # noqa: ANN001
     import assets.chunks
-    from tests.helpers import add_source, scifact_docs, write_jsonl
 
-    docs = scifact_docs(4)
-    path = write_jsonl(tmp_path / "s.jsonl", docs)
-    add_source(instance, resources, "s", path)
-    _chunk_run(instance, resources, "s")
-    write_jsonl(path, [{**docs[0], "text": docs[0]["text"] + " Revised."}, *docs[1:]])
+    _chunked_then_first_revised(instance, resources, tmp_path, 4)
     monkeypatch.setattr(assets.chunks, "REUSE_MAX_FILE_BYTES", 1)  # the memory bound: nothing held, all chunked
     bounded, _ = _chunk_run(instance, resources, "s")
     assert (bounded["documents_chunked"], bounded["documents_unchanged"]) == (4, 0)
